@@ -1,0 +1,225 @@
+//! The KubeVirt hook server on `<hooks-dir>/<CONTAINER_NAME>.sock`.
+//!
+//! virt-launcher will not start the VM until every requested sidecar's socket
+//! answers `Info`, and it fails the VM when `OnDefineDomain` fails or returns
+//! anything but a domain XML. So this server binds first, answers at once, and
+//! hands the domain XML back exactly as it came, whatever else goes wrong. What
+//! it learns from the XML and the VMI is only a fallback for when the sidecar
+//! cannot reach libvirt.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use hypervisor_proto::hooks::info::{
+    HookPoint, InfoParams, InfoResult,
+    info_server::{Info, InfoServer},
+};
+use hypervisor_proto::hooks::{v1alpha1, v1alpha2, v1alpha3};
+use hypervisor_proto::prost_bytes::Bytes;
+use serde::Deserialize;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::classify::{VmiName, classify_domain_xml};
+use crate::libvirt::{Domains, RunningDomain};
+
+const HOOK_NAME: &str = "kubevirt-hypervisor-metric";
+const VERSIONS: [&str; 3] = ["v1alpha1", "v1alpha2", "v1alpha3"];
+const ON_DEFINE_DOMAIN: &str = "OnDefineDomain";
+const SHUTDOWN: &str = "Shutdown";
+
+/// Binds the hook socket, replacing a stale one from an earlier run.
+pub fn bind(hooks_dir: &Path, container_name: &str) -> anyhow::Result<(UnixListener, PathBuf)> {
+    anyhow::ensure!(
+        !container_name.is_empty() && !container_name.contains('/'),
+        "CONTAINER_NAME {container_name:?} cannot name a socket file"
+    );
+    let path = hooks_dir.join(format!("{container_name}.sock"));
+    match std::fs::remove_file(&path) {
+        Ok(()) => info!(socket = %path.display(), "replaced a stale hook socket"),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("removing the stale hook socket {}", path.display()));
+        }
+    }
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding the hook socket {}", path.display()))?;
+    Ok((listener, path))
+}
+
+/// What the hooks tell the rest of the sidecar.
+pub struct Hooks {
+    /// The domain virt-launcher defined, as the OnDefineDomain XML describes it.
+    pub defined: watch::Sender<Domains>,
+    /// Set by the Shutdown hook: the VM is gone and so is this sidecar's purpose.
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Serves the hook API on `listener` until `stop` completes.
+pub async fn serve(
+    listener: UnixListener,
+    hooks: Hooks,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let hooks = std::sync::Arc::new(hooks);
+    tonic::transport::Server::builder()
+        .add_service(InfoServer::new(InfoService))
+        .add_service(v1alpha1::callbacks_server::CallbacksServer::from_arc(
+            hooks.clone(),
+        ))
+        .add_service(v1alpha2::callbacks_server::CallbacksServer::from_arc(
+            hooks.clone(),
+        ))
+        .add_service(v1alpha3::callbacks_server::CallbacksServer::from_arc(hooks))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
+        .await
+        .context("serving the hook socket")
+}
+
+struct InfoService;
+
+#[tonic::async_trait]
+impl Info for InfoService {
+    async fn info(&self, _: Request<InfoParams>) -> Result<Response<InfoResult>, Status> {
+        Ok(Response::new(InfoResult {
+            name: HOOK_NAME.to_string(),
+            hook_points: [ON_DEFINE_DOMAIN, SHUTDOWN]
+                .map(|name| HookPoint {
+                    name: name.to_string(),
+                    priority: 0,
+                })
+                .to_vec(),
+            versions: VERSIONS.map(String::from).to_vec(),
+        }))
+    }
+}
+
+/// The parts of a VirtualMachineInstance the sidecar reads.
+#[derive(Deserialize)]
+struct Vmi {
+    metadata: VmiMetadata,
+}
+
+#[derive(Deserialize)]
+struct VmiMetadata {
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    uid: String,
+}
+
+impl Hooks {
+    /// Records the domain being defined and hands its XML back, untouched.
+    fn answer_define_domain(&self, domain_xml: Bytes, vmi_json: &[u8]) -> Bytes {
+        self.note_defined(&domain_xml, vmi_json);
+        domain_xml
+    }
+
+    /// Never fails: virt-launcher gets its answer whatever this finds.
+    fn note_defined(&self, domain_xml: &[u8], vmi_json: &[u8]) {
+        let vmi = match serde_json::from_slice::<Vmi>(vmi_json) {
+            Ok(vmi) => vmi.metadata,
+            Err(err) => {
+                warn!(%err, "OnDefineDomain: unreadable VMI JSON; the domain is reported from libvirt only");
+                return;
+            }
+        };
+        let xml = String::from_utf8_lossy(domain_xml);
+        let classified = classify_domain_xml(&xml);
+        let domain = RunningDomain {
+            vmi: VmiName {
+                namespace: vmi.namespace,
+                name: vmi.name,
+            },
+            uid: Some(vmi.uid)
+                .filter(|uid| !uid.is_empty())
+                .or(classified.uid),
+            hypervisor: classified.hypervisor,
+            hypervisor_version: String::new(),
+            paused: false,
+        };
+        let domain_name = format!("{}_{}", domain.vmi.namespace, domain.vmi.name);
+        info!(
+            domain = %domain_name,
+            hypervisor = classified.hypervisor.label(),
+            "OnDefineDomain"
+        );
+        self.defined
+            .send_replace(Domains::from([(domain_name, domain)]));
+    }
+
+    fn on_shutdown(&self) {
+        info!("Shutdown hook: withdrawing and exiting");
+        self.shutdown.send_replace(true);
+    }
+}
+
+#[tonic::async_trait]
+impl v1alpha1::callbacks_server::Callbacks for Hooks {
+    async fn on_define_domain(
+        &self,
+        request: Request<v1alpha1::OnDefineDomainParams>,
+    ) -> Result<Response<v1alpha1::OnDefineDomainResult>, Status> {
+        let params = request.into_inner();
+        let domain_xml = self.answer_define_domain(params.domain_xml, &params.vmi);
+        Ok(Response::new(v1alpha1::OnDefineDomainResult { domain_xml }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1alpha2::callbacks_server::Callbacks for Hooks {
+    async fn on_define_domain(
+        &self,
+        request: Request<v1alpha2::OnDefineDomainParams>,
+    ) -> Result<Response<v1alpha2::OnDefineDomainResult>, Status> {
+        let params = request.into_inner();
+        let domain_xml = self.answer_define_domain(params.domain_xml, &params.vmi);
+        Ok(Response::new(v1alpha2::OnDefineDomainResult { domain_xml }))
+    }
+
+    async fn pre_cloud_init_iso(
+        &self,
+        request: Request<v1alpha2::PreCloudInitIsoParams>,
+    ) -> Result<Response<v1alpha2::PreCloudInitIsoResult>, Status> {
+        let params = request.into_inner();
+        Ok(Response::new(v1alpha2::PreCloudInitIsoResult {
+            cloud_init_no_cloud_source: params.cloud_init_no_cloud_source,
+            cloud_init_data: params.cloud_init_data,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1alpha3::callbacks_server::Callbacks for Hooks {
+    async fn on_define_domain(
+        &self,
+        request: Request<v1alpha3::OnDefineDomainParams>,
+    ) -> Result<Response<v1alpha3::OnDefineDomainResult>, Status> {
+        let params = request.into_inner();
+        let domain_xml = self.answer_define_domain(params.domain_xml, &params.vmi);
+        Ok(Response::new(v1alpha3::OnDefineDomainResult { domain_xml }))
+    }
+
+    async fn pre_cloud_init_iso(
+        &self,
+        request: Request<v1alpha3::PreCloudInitIsoParams>,
+    ) -> Result<Response<v1alpha3::PreCloudInitIsoResult>, Status> {
+        let params = request.into_inner();
+        Ok(Response::new(v1alpha3::PreCloudInitIsoResult {
+            cloud_init_no_cloud_source: params.cloud_init_no_cloud_source,
+            cloud_init_data: params.cloud_init_data,
+        }))
+    }
+
+    async fn shutdown(
+        &self,
+        _: Request<v1alpha3::ShutdownParams>,
+    ) -> Result<Response<v1alpha3::ShutdownResult>, Status> {
+        self.on_shutdown();
+        Ok(Response::new(v1alpha3::ShutdownResult {}))
+    }
+}

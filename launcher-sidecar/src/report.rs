@@ -1,0 +1,352 @@
+//! Streams the domains to report to the node-aggregator, and keeps doing so.
+//!
+//! Each connection starts from nothing on the aggregator's side (a closed stream
+//! takes its series with it), so every new stream first sends the whole current
+//! set, then only the differences as they come.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hyper_util::rt::TokioIo;
+use hypervisor_proto::v1::hypervisor_reporter_client::HypervisorReporterClient;
+use hypervisor_proto::v1::{Domain, DomainKey, DomainReport, DomainState, domain_report::Change};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+use tower::service_fn;
+use tracing::{debug, info, warn};
+
+use crate::libvirt::{Domains, LibvirtDomains, RunningDomain};
+
+/// Where the domains to report come from: libvirt once it has been reached, and
+/// until then the domain the OnDefineDomain hook described.
+pub struct Sources {
+    libvirt: watch::Receiver<LibvirtDomains>,
+    hook: watch::Receiver<Domains>,
+    hook_mode_logged: bool,
+}
+
+impl Sources {
+    pub fn new(libvirt: watch::Receiver<LibvirtDomains>, hook: watch::Receiver<Domains>) -> Self {
+        Sources {
+            libvirt,
+            hook,
+            hook_mode_logged: false,
+        }
+    }
+
+    /// Waits until either source changes. A source whose sender is gone never changes again.
+    async fn changed(&mut self) {
+        let Sources { libvirt, hook, .. } = self;
+        let libvirt = async {
+            if libvirt.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let hook = async {
+            if hook.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = libvirt => {}
+            () = hook => {}
+        }
+    }
+
+    /// The domains to report now; the live domain wins over the hook's description.
+    fn current(&mut self) -> Domains {
+        let hook = self.hook.borrow_and_update().clone();
+        if let Some(live) = &*self.libvirt.borrow_and_update() {
+            return live.clone();
+        }
+        if !hook.is_empty() && !self.hook_mode_logged {
+            self.hook_mode_logged = true;
+            warn!(
+                "no libvirt connection: reporting the domain from the OnDefineDomain hook and \
+                 withdrawing it on Shutdown (is the libvirt-runtime volume mounted into this container?)"
+            );
+        }
+        hook
+    }
+}
+
+/// Where the node-aggregator listens: `http://HOST:PORT` or `unix:///PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AggregatorAddr {
+    Http(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for AggregatorAddr {
+    type Err = anyhow::Error;
+
+    fn from_str(value: &str) -> anyhow::Result<Self> {
+        if let Some(path) = value.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                bail!("{value:?}: a unix socket address needs an absolute path (unix:///PATH)");
+            }
+            return Ok(AggregatorAddr::Unix(PathBuf::from(path)));
+        }
+        if value.starts_with("http://") {
+            Endpoint::from_shared(value.to_string())
+                .with_context(|| format!("{value:?} is not a valid http://HOST:PORT address"))?;
+            return Ok(AggregatorAddr::Http(value.to_string()));
+        }
+        bail!("{value:?}: expected http://HOST:PORT or unix:///PATH")
+    }
+}
+
+impl std::fmt::Display for AggregatorAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AggregatorAddr::Http(uri) => f.write_str(uri),
+            AggregatorAddr::Unix(path) => write!(f, "unix://{}", path.display()),
+        }
+    }
+}
+
+/// Reconnection delays: doubled after each failure up to the cap, with jitter so
+/// that a node's sidecars do not all knock at once after an aggregator restart.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(3);
+/// How long a withdrawal at shutdown may wait for the aggregator's answer.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Streams `domains` to the aggregator until `shutdown` completes; then
+/// withdraws everything and closes the stream.
+pub async fn run(
+    aggregator: AggregatorAddr,
+    mut domains: Sources,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut delay = FIRST_RETRY;
+    let mut failures = 0u32;
+    loop {
+        let connected = tokio::select! {
+            connected = open_stream(&aggregator) => connected,
+            () = &mut shutdown => return,
+        };
+        let stream = match connected {
+            Ok(stream) => stream,
+            Err(err) => {
+                failures += 1;
+                if failures == 1 {
+                    warn!(%aggregator, "cannot reach the aggregator: {err:#}; retrying");
+                } else {
+                    debug!(%aggregator, failures, "still cannot reach the aggregator: {err:#}");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(jittered(delay)) => {}
+                    () = &mut shutdown => return,
+                }
+                delay = (delay * 2).min(MAX_RETRY);
+                continue;
+            }
+        };
+        info!(%aggregator, "streaming to the aggregator");
+        delay = FIRST_RETRY;
+        failures = 0;
+        match stream.follow(&mut domains, &mut shutdown).await {
+            Ok(()) => return,
+            Err(err) => warn!(%aggregator, "aggregator stream lost: {err:#}; reconnecting"),
+        }
+    }
+}
+
+fn jittered(delay: Duration) -> Duration {
+    delay / 2 + delay.mul_f64(fastrand::f64() / 2.0)
+}
+
+async fn open_stream(aggregator: &AggregatorAddr) -> anyhow::Result<ReportStream> {
+    let channel = connect(aggregator).await?;
+    let (requests, request_stream) = mpsc::channel(16);
+    let acks = HypervisorReporterClient::new(channel)
+        .report(ReceiverStream::new(request_stream))
+        .await
+        .context("opening the report stream")?
+        .into_inner();
+    Ok(ReportStream {
+        requests,
+        acks,
+        sent: BTreeMap::new(),
+        sequence: 0,
+    })
+}
+
+async fn connect(aggregator: &AggregatorAddr) -> anyhow::Result<Channel> {
+    let endpoint = |uri: String| -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::from_shared(uri)?
+            .connect_timeout(Duration::from_secs(2))
+            // Notice a vanished aggregator even when there is nothing to report.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true))
+    };
+    let channel = match aggregator {
+        AggregatorAddr::Http(uri) => endpoint(uri.clone())?.connect().await,
+        AggregatorAddr::Unix(path) => {
+            let path = path.clone();
+            // The authority is unused on a unix socket, but HTTP/2 needs one.
+            endpoint("http://localhost".into())?
+                .connect_with_connector(service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+        }
+    };
+    channel.with_context(|| format!("connecting to {aggregator}"))
+}
+
+/// One open report stream and what it has told the aggregator.
+struct ReportStream {
+    requests: mpsc::Sender<DomainReport>,
+    acks: Streaming<hypervisor_proto::v1::ReportAck>,
+    /// What the aggregator holds from this stream, by libvirt domain name.
+    sent: BTreeMap<String, Domain>,
+    sequence: u64,
+}
+
+impl ReportStream {
+    /// Keeps the aggregator equal to `domains` until the stream fails (Err) or
+    /// `shutdown` completes (Ok, after withdrawing everything).
+    async fn follow(
+        mut self,
+        domains: &mut Sources,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> anyhow::Result<()> {
+        self.send_changes(&domains.current()).await?;
+        loop {
+            tokio::select! {
+                () = domains.changed() => self.send_changes(&domains.current()).await?,
+                ack = self.acks.message() => match ack.context("reading acks")? {
+                    Some(ack) if ack.code != 0 => warn!(
+                        sequence = ack.sequence, code = ack.code, reason = %ack.message,
+                        "the aggregator rejected a report"
+                    ),
+                    Some(_) => {}
+                    None => bail!("the aggregator closed the stream"),
+                },
+                () = &mut *shutdown => {
+                    self.send_changes(&Domains::new()).await?;
+                    return self.close().await;
+                }
+            }
+        }
+    }
+
+    /// Sends what differs between `domains` and what this stream already sent.
+    async fn send_changes(&mut self, domains: &Domains) -> anyhow::Result<()> {
+        let gone: Vec<String> = self
+            .sent
+            .keys()
+            .filter(|name| !domains.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(domain) = self.sent.remove(&name) {
+                info!(domain = %name, "withdrawing");
+                self.send(Change::Withdraw(DomainKey {
+                    namespace: domain.namespace,
+                    name: domain.name,
+                }))
+                .await?;
+            }
+        }
+        for (name, running) in domains {
+            let domain = to_proto(name, running);
+            if self.sent.get(name) != Some(&domain) {
+                info!(
+                    domain = %name,
+                    hypervisor = domain.hypervisor_type().label(),
+                    paused = running.paused,
+                    "reporting"
+                );
+                self.sent.insert(name.clone(), domain.clone());
+                self.send(Change::Upsert(domain)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, change: Change) -> anyhow::Result<()> {
+        self.sequence += 1;
+        self.requests
+            .send(DomainReport {
+                sequence: self.sequence,
+                change: Some(change),
+            })
+            .await
+            .context("the report stream is closed")
+    }
+
+    /// Ends the stream and waits, briefly, for the aggregator to answer what is in flight.
+    async fn close(mut self) -> anyhow::Result<()> {
+        drop(self.requests);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Ok(Some(_)) = self.acks.message().await {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("the aggregator did not confirm the withdrawal in time; its stream timeout will");
+        }
+        Ok(())
+    }
+}
+
+fn to_proto(domain_name: &str, running: &RunningDomain) -> Domain {
+    Domain {
+        namespace: running.vmi.namespace.clone(),
+        name: running.vmi.name.clone(),
+        uid: running.uid.clone().unwrap_or_default(),
+        domain_name: domain_name.to_string(),
+        hypervisor_type: running.hypervisor.into(),
+        hypervisor_version: running.hypervisor_version.clone(),
+        state: if running.paused {
+            DomainState::Paused
+        } else {
+            DomainState::Running
+        }
+        .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregator_addresses() {
+        assert_eq!(
+            "http://127.0.0.1:9440".parse::<AggregatorAddr>().unwrap(),
+            AggregatorAddr::Http("http://127.0.0.1:9440".into())
+        );
+        assert_eq!(
+            "unix:///run/agg.sock".parse::<AggregatorAddr>().unwrap(),
+            AggregatorAddr::Unix("/run/agg.sock".into())
+        );
+        for bad in ["127.0.0.1:9440", "unix://relative.sock", "https//x", ""] {
+            assert!(bad.parse::<AggregatorAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_full_delay() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(2));
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! node-aggregator: one per node. Sidecars stream their domains' hypervisors in
+//! (`service`), the `registry` holds one series per VMI for as long as the
+//! stream that reported it is open, and `metrics` (Prometheus) and `inventory`
+//! (gRPC, for grpcurl) read the registry. `validate` decides what may become a
+//! series.
+
+pub mod inventory;
+pub mod metrics;
+pub mod registry;
+pub mod service;
+pub mod validate;

@@ -1,0 +1,168 @@
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use hypervisor_proto::v1::{
+    FILE_DESCRIPTOR_SET, hypervisor_reporter_server::HypervisorReporterServer,
+    inventory_server::InventoryServer,
+};
+use node_aggregator::inventory::InventoryService;
+use node_aggregator::metrics::{self, Exposition};
+use node_aggregator::registry::Registry;
+use node_aggregator::service::ReportService;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tracing::info;
+
+/// How often an idle connection is probed; a peer that answers neither an
+/// HTTP/2 ping nor TCP keepalives is dropped, with its series, within 30 s.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Holds the kubevirt_vmi_hypervisor_info series of one node and serves them to Prometheus.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address for the gRPC services (reports from sidecars, inventory, health, reflection).
+    #[arg(long, env = "GRPC_LISTEN", default_value = "0.0.0.0:9440")]
+    grpc_listen: SocketAddr,
+    /// Also serve the gRPC services on this unix socket.
+    #[arg(long, env = "GRPC_UNIX")]
+    grpc_unix: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9441")]
+    metrics_listen: SocketAddr,
+    /// This node's name: the `node` label of every series (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+}
+
+// Two workers hold a node's streams with room to spare; one per core would waste memory on big nodes.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let args = Args::parse();
+    anyhow::ensure!(!args.node_name.is_empty(), "--node-name must not be empty");
+
+    let registry = Registry::new(args.node_name.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let exposition = Arc::new(Exposition::new(Arc::clone(&registry))?);
+
+    let metrics_listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding the metrics address {}", args.metrics_listen))?;
+    let grpc_incoming = TcpIncoming::bind(args.grpc_listen)
+        .with_context(|| format!("binding the gRPC address {}", args.grpc_listen))?
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(KEEPALIVE_INTERVAL))
+        .with_keepalive_interval(Some(Duration::from_secs(5)))
+        .with_keepalive_retries(Some(3));
+    let routes = grpc_routes(Arc::clone(&registry)).await?;
+
+    let unix_server = match &args.grpc_unix {
+        Some(path) => {
+            // A socket file left by an earlier run would make bind fail.
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path)
+                .with_context(|| format!("binding the gRPC unix socket {}", path.display()))?;
+            let server = grpc_server()
+                .add_routes(routes.clone())
+                .serve_with_incoming(UnixListenerStream::new(listener));
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
+    let grpc = tokio::spawn(
+        grpc_server()
+            .add_routes(routes)
+            .serve_with_incoming(grpc_incoming),
+    );
+    let http = tokio::spawn(
+        axum::serve(
+            metrics_listener,
+            metrics::router(exposition, Arc::clone(&ready)),
+        )
+        .into_future(),
+    );
+    ready.store(true, Ordering::Release);
+    info!(
+        node = %args.node_name,
+        grpc = %args.grpc_listen,
+        grpc_unix = ?args.grpc_unix,
+        metrics = %args.metrics_listen,
+        "node-aggregator serving"
+    );
+
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let unix = async {
+        match unix_server {
+            Some(server) => server.await,
+            None => std::future::pending().await,
+        }
+    };
+    // Report streams never end by themselves, so shutting down means leaving them:
+    // every sidecar reconnects to the next aggregator and resends its state.
+    tokio::select! {
+        result = grpc => result.context("gRPC server task")?.context("serving gRPC")?,
+        result = unix => result.context("gRPC unix server task")?.context("serving gRPC on the unix socket")?,
+        result = http => result.context("metrics server task")?.context("serving metrics")?,
+        _ = terminate.recv() => info!("SIGTERM: shutting down"),
+        _ = interrupt.recv() => info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+fn grpc_server() -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+}
+
+async fn grpc_routes(registry: Arc<Registry>) -> anyhow::Result<Routes> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<HypervisorReporterServer<ReportService>>()
+        .await;
+    health
+        .set_serving::<InventoryServer<InventoryService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(
+        Routes::new(HypervisorReporterServer::new(ReportService::new(
+            Arc::clone(&registry),
+        )))
+        .add_service(InventoryServer::new(InventoryService::new(registry)))
+        .add_service(health_service)
+        .add_service(
+            reflection()
+                .build_v1()
+                .context("building gRPC reflection v1")?,
+        )
+        // grpcurl releases before 1.9 speak only v1alpha.
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .context("building gRPC reflection v1alpha")?,
+        ),
+    )
+}

