@@ -13,13 +13,13 @@ use crate::tools::{free_port, http_get, wait_until};
 
 /// A built binary of this workspace, next to the test executable's directory.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join(name))
-        .context("the test executable has no target directory")?;
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    // Tests run from target/<profile>/deps/, the demo from target/<profile>/.
+    let mut dir = exe.parent().context("the executable has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps/ has no parent")?;
+    }
+    let path = dir.join(name);
     if !path.exists() {
         bail!(
             "{} is missing: build the binaries first (`cargo build --workspace --bins`, which `make test` does)",
