@@ -7,6 +7,7 @@
 //! it learns from the XML and the VMI is only a fallback for when the sidecar
 //! cannot reach libvirt.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -21,7 +22,7 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::classify::{VmiName, classify_domain_xml};
 use crate::libvirt::{Domains, RunningDomain};
@@ -104,25 +105,38 @@ struct Vmi {
     metadata: VmiMetadata,
 }
 
-#[derive(Deserialize)]
-struct VmiMetadata {
-    namespace: String,
-    name: String,
+/// Who a VMI is, from virt-launcher's VMI JSON.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+pub struct VmiMetadata {
+    pub namespace: String,
+    pub name: String,
     #[serde(default)]
-    uid: String,
+    pub uid: String,
+}
+
+impl VmiMetadata {
+    pub fn from_vmi_json(vmi_json: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice::<Vmi>(vmi_json).map(|vmi| vmi.metadata)
+    }
 }
 
 impl Hooks {
     /// Records the domain being defined and hands its XML back, untouched.
     fn answer_define_domain(&self, domain_xml: Bytes, vmi_json: &[u8]) -> Bytes {
-        self.note_defined(&domain_xml, vmi_json);
+        // A bug here must cost the metric, never the VM.
+        let noted = panic::catch_unwind(AssertUnwindSafe(|| {
+            self.note_defined(&domain_xml, vmi_json)
+        }));
+        if noted.is_err() {
+            error!("OnDefineDomain: reading the domain panicked; answering virt-launcher anyway");
+        }
         domain_xml
     }
 
     /// Never fails: virt-launcher gets its answer whatever this finds.
     fn note_defined(&self, domain_xml: &[u8], vmi_json: &[u8]) {
-        let vmi = match serde_json::from_slice::<Vmi>(vmi_json) {
-            Ok(vmi) => vmi.metadata,
+        let vmi = match VmiMetadata::from_vmi_json(vmi_json) {
+            Ok(vmi) => vmi,
             Err(err) => {
                 warn!(%err, "OnDefineDomain: unreadable VMI JSON; the domain is reported from libvirt only");
                 return;
@@ -221,5 +235,34 @@ impl v1alpha3::callbacks_server::Callbacks for Hooks {
     ) -> Result<Response<v1alpha3::ShutdownResult>, Status> {
         self.on_shutdown();
         Ok(Response::new(v1alpha3::ShutdownResult {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_who_the_vmi_is() {
+        let json = br#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance",
+            "metadata":{"namespace":"default","name":"vm-a","uid":"6f1e9cde-8c1a-4a0e-9d43-2d2a1d5b7c10",
+            "labels":{"a":"b"}},"spec":{"domain":{}}}"#;
+        assert_eq!(
+            VmiMetadata::from_vmi_json(json).unwrap(),
+            VmiMetadata {
+                namespace: "default".into(),
+                name: "vm-a".into(),
+                uid: "6f1e9cde-8c1a-4a0e-9d43-2d2a1d5b7c10".into(),
+            }
+        );
+        for bad in [
+            &b""[..],
+            b"{",
+            b"{}",
+            br#"{"metadata":{"name":"vm"}}"#,
+            b"\xff",
+        ] {
+            assert!(VmiMetadata::from_vmi_json(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hyper_util::rt::TokioIo;
@@ -115,6 +115,8 @@ impl std::fmt::Display for AggregatorAddr {
 /// that a node's sidecars do not all knock at once after an aggregator restart.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(3);
+/// A stream that lived this long was healthy; the next reconnect starts with short delays.
+const STABLE_STREAM: Duration = Duration::from_secs(10);
 /// How long a withdrawal at shutdown may wait for the aggregator's answer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -151,11 +153,22 @@ pub async fn run(
             }
         };
         info!(%aggregator, "streaming to the aggregator");
-        delay = FIRST_RETRY;
         failures = 0;
+        let opened = Instant::now();
         match stream.follow(&mut domains, &mut shutdown).await {
             Ok(()) => return,
             Err(err) => warn!(%aggregator, "aggregator stream lost: {err:#}; reconnecting"),
+        }
+        // A stream that ends at once (an aggregator over its limits) must not turn
+        // into a reconnect loop; one that lived a while starts over from short delays.
+        if opened.elapsed() >= STABLE_STREAM {
+            delay = FIRST_RETRY;
+        } else {
+            tokio::select! {
+                () = tokio::time::sleep(jittered(delay)) => {}
+                () = &mut shutdown => return,
+            }
+            delay = (delay * 2).min(MAX_RETRY);
         }
     }
 }
@@ -229,6 +242,10 @@ impl ReportStream {
             tokio::select! {
                 () = domains.changed() => self.send_changes(&domains.current()).await?,
                 ack = self.acks.message() => match ack.context("reading acks")? {
+                    // Over a limit, the aggregator lacks part of this state: start afresh.
+                    Some(ack) if ack.code == tonic::Code::ResourceExhausted as i32 => {
+                        bail!("the aggregator refused report {}: {}", ack.sequence, ack.message)
+                    }
                     Some(ack) if ack.code != 0 => warn!(
                         sequence = ack.sequence, code = ack.code, reason = %ack.message,
                         "the aggregator rejected a report"

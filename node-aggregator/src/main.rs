@@ -13,7 +13,7 @@ use hypervisor_proto::v1::{
 };
 use node_aggregator::inventory::InventoryService;
 use node_aggregator::metrics::{self, Exposition};
-use node_aggregator::registry::Registry;
+use node_aggregator::registry::{Capacity, Registry};
 use node_aggregator::service::ReportService;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
@@ -22,11 +22,6 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
-
-/// How often an idle connection is probed; a peer that answers neither an
-/// HTTP/2 ping nor TCP keepalives is dropped, with its series, within 30 s.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Holds the kubevirt_vmi_hypervisor_info series of one node and serves them to Prometheus.
 #[derive(Parser)]
@@ -44,6 +39,27 @@ struct Args {
     /// This node's name: the `node` label of every series (the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
+    /// Ping every connection this often (HTTP/2 ping, and TCP keepalive probes)...
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    keepalive_interval: Duration,
+    /// ...and close it, dropping its streams' series, when a ping goes unanswered this long.
+    #[arg(long, env = "KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    keepalive_timeout: Duration,
+    /// Open report streams, all clients together; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_STREAMS", default_value_t = 4096)]
+    max_streams: usize,
+    /// Concurrent streams on one HTTP/2 connection (a sidecar needs one).
+    #[arg(long, env = "MAX_STREAMS_PER_CONNECTION", default_value_t = 16)]
+    max_streams_per_connection: u32,
+    /// VMIs one stream may report (a virt-launcher holds one).
+    #[arg(long, env = "MAX_DOMAINS_PER_STREAM", default_value_t = 16)]
+    max_domains_per_stream: usize,
+    /// Largest report message accepted; a larger one ends its stream.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 16 * 1024)]
+    max_message_bytes: usize,
+    /// Reports per second per stream, with one second's worth as burst.
+    #[arg(long, env = "MAX_REPORTS_PER_SECOND", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    max_reports_per_second: u32,
 }
 
 // Two workers hold a node's streams with room to spare; one per core would waste memory on big nodes.
@@ -59,7 +75,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(!args.node_name.is_empty(), "--node-name must not be empty");
 
-    let registry = Registry::new(args.node_name.clone());
+    let registry = Registry::new(
+        args.node_name.clone(),
+        Capacity {
+            streams: args.max_streams,
+            domains_per_stream: args.max_domains_per_stream,
+        },
+    );
     let ready = Arc::new(AtomicBool::new(false));
     let exposition = Arc::new(Exposition::new(Arc::clone(&registry))?);
 
@@ -69,10 +91,10 @@ async fn main() -> anyhow::Result<()> {
     let grpc_incoming = TcpIncoming::bind(args.grpc_listen)
         .with_context(|| format!("binding the gRPC address {}", args.grpc_listen))?
         .with_nodelay(Some(true))
-        .with_keepalive(Some(KEEPALIVE_INTERVAL))
-        .with_keepalive_interval(Some(Duration::from_secs(5)))
+        .with_keepalive(Some(args.keepalive_interval))
+        .with_keepalive_interval(Some(args.keepalive_interval))
         .with_keepalive_retries(Some(3));
-    let routes = grpc_routes(Arc::clone(&registry)).await?;
+    let routes = grpc_routes(&args, Arc::clone(&registry)).await?;
 
     let unix_server = match &args.grpc_unix {
         Some(path) => {
@@ -80,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
             let _ = std::fs::remove_file(path);
             let listener = UnixListener::bind(path)
                 .with_context(|| format!("binding the gRPC unix socket {}", path.display()))?;
-            let server = grpc_server()
+            let server = grpc_server(&args)
                 .add_routes(routes.clone())
                 .serve_with_incoming(UnixListenerStream::new(listener));
             Some(tokio::spawn(server))
@@ -88,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let grpc = tokio::spawn(
-        grpc_server()
+        grpc_server(&args)
             .add_routes(routes)
             .serve_with_incoming(grpc_incoming),
     );
@@ -128,13 +150,14 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn grpc_server() -> Server {
+fn grpc_server(args: &Args) -> Server {
     Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(args.keepalive_interval))
+        .http2_keepalive_timeout(Some(args.keepalive_timeout))
+        .max_concurrent_streams(args.max_streams_per_connection)
 }
 
-async fn grpc_routes(registry: Arc<Registry>) -> anyhow::Result<Routes> {
+async fn grpc_routes(args: &Args, registry: Arc<Registry>) -> anyhow::Result<Routes> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<HypervisorReporterServer<ReportService>>()
@@ -147,10 +170,12 @@ async fn grpc_routes(registry: Arc<Registry>) -> anyhow::Result<Routes> {
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    Ok(
-        Routes::new(HypervisorReporterServer::new(ReportService::new(
-            Arc::clone(&registry),
-        )))
+    let reports = HypervisorReporterServer::new(ReportService::new(
+        Arc::clone(&registry),
+        args.max_reports_per_second,
+    ))
+    .max_decoding_message_size(args.max_message_bytes);
+    Ok(Routes::new(reports)
         .add_service(InventoryServer::new(InventoryService::new(registry)))
         .add_service(health_service)
         .add_service(
@@ -163,6 +188,5 @@ async fn grpc_routes(registry: Arc<Registry>) -> anyhow::Result<Routes> {
             reflection()
                 .build_v1alpha()
                 .context("building gRPC reflection v1alpha")?,
-        ),
-    )
+        ))
 }

@@ -15,7 +15,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{Encoder, IntGaugeVec, Opts, TextEncoder};
 
-use crate::registry::Registry;
+use crate::registry::{Limit, Registry};
 use crate::validate::Rejection;
 
 const INFO: &str = "kubevirt_vmi_hypervisor_info";
@@ -136,6 +136,22 @@ impl Exposition {
                 counts.rejected[reason.index()]
             );
         }
+
+        let limit_hits = format!("{PREFIX}_limit_hits_total");
+        family(
+            out,
+            &limit_hits,
+            "counter",
+            "Times a client ran into one of the aggregator's limits (see its --max-* flags).",
+        );
+        for limit in Limit::ALL {
+            let _ = writeln!(
+                out,
+                "{limit_hits}{{limit=\"{}\"}} {}",
+                limit.label(),
+                counts.limit_hits[limit.index()]
+            );
+        }
     }
 }
 
@@ -188,12 +204,19 @@ pub fn router(exposition: Arc<Exposition>, ready: Arc<AtomicBool>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Capacity;
     use hypervisor_proto::v1::{Domain, DomainState, HypervisorType};
 
     #[test]
     fn renders_one_info_series_per_vmi_with_the_node_label() {
-        let registry = Registry::new("node-1");
-        let stream = registry.open_stream("peer");
+        let registry = Registry::new(
+            "node-1",
+            Capacity {
+                streams: 1,
+                domains_per_stream: 1,
+            },
+        );
+        let stream = registry.open_stream("peer").unwrap();
         stream
             .upsert(Domain {
                 namespace: "default".into(),

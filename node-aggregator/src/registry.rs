@@ -57,14 +57,6 @@ pub struct Change {
     pub claim: Claim,
 }
 
-/// Why the registry refused a withdrawal.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{namespace}/{name} was not reported on this stream")]
-pub struct NotReported {
-    pub namespace: String,
-    pub name: String,
-}
-
 /// Counts of what the streams sent, for the aggregator's own metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReportCounts {
@@ -72,7 +64,55 @@ pub struct ReportCounts {
     pub withdrawals: u64,
     /// Indexed like [`Rejection::ALL`].
     pub rejected: [u64; Rejection::ALL.len()],
+    /// Indexed like [`Limit::ALL`].
+    pub limit_hits: [u64; Limit::ALL.len()],
 }
+
+/// The limits that keep one misbehaving client from costing everyone else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Streams,
+    DomainsPerStream,
+    MessageBytes,
+    ReportsPerSecond,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 4] = [
+        Limit::Streams,
+        Limit::DomainsPerStream,
+        Limit::MessageBytes,
+        Limit::ReportsPerSecond,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The value of the `limit` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Streams => "streams",
+            Limit::DomainsPerStream => "domains_per_stream",
+            Limit::MessageBytes => "message_bytes",
+            Limit::ReportsPerSecond => "reports_per_second",
+        }
+    }
+}
+
+/// How much the registry holds at most.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    /// Open report streams, all clients together.
+    pub streams: usize,
+    /// VMIs one stream may report (a virt-launcher holds one).
+    pub domains_per_stream: usize,
+}
+
+/// A new stream was refused: the aggregator holds as many as it may.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the aggregator holds its maximum of {0} report streams")]
+pub struct TooManyStreams(pub usize);
 
 /// What the exposition reads at each scrape.
 pub struct Snapshot<'a> {
@@ -104,6 +144,7 @@ impl Snapshot<'_> {
 
 pub struct Registry {
     node: String,
+    capacity: Capacity,
     state: Mutex<State>,
     changes: broadcast::Sender<Change>,
 }
@@ -125,9 +166,10 @@ struct StreamRecord {
 const WATCH_BUFFER: usize = 1024;
 
 impl Registry {
-    pub fn new(node: impl Into<String>) -> Arc<Self> {
+    pub fn new(node: impl Into<String>, capacity: Capacity) -> Arc<Self> {
         Arc::new(Registry {
             node: node.into(),
+            capacity,
             state: Mutex::default(),
             changes: broadcast::channel(WATCH_BUFFER).0,
         })
@@ -138,8 +180,15 @@ impl Registry {
         &self.node
     }
 
-    pub fn open_stream(self: &Arc<Self>, peer: impl Into<Arc<str>>) -> StreamHandle {
+    pub fn open_stream(
+        self: &Arc<Self>,
+        peer: impl Into<Arc<str>>,
+    ) -> Result<StreamHandle, TooManyStreams> {
         let mut state = self.lock();
+        if state.streams.len() >= self.capacity.streams {
+            state.counts.limit_hits[Limit::Streams.index()] += 1;
+            return Err(TooManyStreams(self.capacity.streams));
+        }
         state.next_stream_id += 1;
         let id = state.next_stream_id;
         state.streams.insert(
@@ -148,11 +197,11 @@ impl Registry {
                 keys: HashSet::new(),
             },
         );
-        StreamHandle {
+        Ok(StreamHandle {
             registry: Arc::clone(self),
             id,
             peer: peer.into(),
-        }
+        })
     }
 
     pub fn snapshot(&self) -> Snapshot<'_> {
@@ -175,6 +224,10 @@ impl Registry {
         self.lock().counts.rejected[reason.index()] += 1;
     }
 
+    fn count_limit_hit(&self, limit: Limit) {
+        self.lock().counts.limit_hits[limit.index()] += 1;
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere cannot leave the state half-changed: every change is made
         // by code that does not panic, so the data behind a poisoned lock is sound.
@@ -193,16 +246,24 @@ impl Registry {
         }
     }
 
-    fn upsert(&self, stream: &StreamHandle, domain: Domain) {
+    fn upsert(&self, stream: &StreamHandle, domain: Domain) -> Result<(), Rejection> {
         let key = VmiKey {
             namespace: domain.namespace.clone(),
             name: domain.name.clone(),
         };
         let mut state = self.lock();
+        let full = state.streams.get(&stream.id).is_some_and(|record| {
+            record.keys.len() >= self.capacity.domains_per_stream && !record.keys.contains(&key)
+        });
+        if full {
+            state.counts.rejected[Rejection::TooManyDomains.index()] += 1;
+            state.counts.limit_hits[Limit::DomainsPerStream.index()] += 1;
+            return Err(Rejection::TooManyDomains);
+        }
         state.counts.upserts += 1;
         let claims = state.vmis.entry(key.clone()).or_default();
         let (kind, claim) = match claims.iter_mut().find(|c| c.stream_id == stream.id) {
-            Some(existing) if existing.domain == domain => return,
+            Some(existing) if existing.domain == domain => return Ok(()),
             Some(existing) => {
                 existing.domain = domain;
                 existing.reported_at = SystemTime::now();
@@ -225,9 +286,10 @@ impl Registry {
         }
         drop(state);
         self.publish(kind, &claim);
+        Ok(())
     }
 
-    fn withdraw(&self, stream: &StreamHandle, key: &VmiKey) -> Result<(), NotReported> {
+    fn withdraw(&self, stream: &StreamHandle, key: &VmiKey) -> Result<(), Rejection> {
         let mut state = self.lock();
         let owned = state
             .streams
@@ -235,10 +297,7 @@ impl Registry {
             .is_some_and(|record| record.keys.remove(key));
         if !owned {
             state.counts.rejected[Rejection::NotReported.index()] += 1;
-            return Err(NotReported {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-            });
+            return Err(Rejection::NotReported);
         }
         state.counts.withdrawals += 1;
         let changes = remove_claim(&mut state.vmis, key, stream.id);
@@ -309,8 +368,7 @@ impl StreamHandle {
             self.registry.count_rejection(rejection);
             return Err(rejection);
         }
-        self.registry.upsert(self, domain);
-        Ok(())
+        self.registry.upsert(self, domain)
     }
 
     /// Counts a report of this stream that was refused before it reached the registry.
@@ -318,8 +376,13 @@ impl StreamHandle {
         self.registry.count_rejection(reason);
     }
 
+    /// Counts a limit this stream ran into outside the registry (size, rate).
+    pub fn count_limit_hit(&self, limit: Limit) {
+        self.registry.count_limit_hit(limit);
+    }
+
     /// Removes this stream's series of a VMI; another stream's series is out of reach.
-    pub fn withdraw(&self, key: &VmiKey) -> Result<(), NotReported> {
+    pub fn withdraw(&self, key: &VmiKey) -> Result<(), Rejection> {
         self.registry.withdraw(self, key)
     }
 }
@@ -334,6 +397,11 @@ impl Drop for StreamHandle {
 mod tests {
     use super::*;
     use hypervisor_proto::v1::DomainState;
+
+    const CAPACITY: Capacity = Capacity {
+        streams: 8,
+        domains_per_stream: 2,
+    };
 
     fn domain(namespace: &str, name: &str, hypervisor: HypervisorType) -> Domain {
         Domain {
@@ -370,8 +438,8 @@ mod tests {
 
     #[test]
     fn upsert_then_withdraw() {
-        let registry = Registry::new("node-1");
-        let stream = registry.open_stream("peer");
+        let registry = Registry::new("node-1", CAPACITY);
+        let stream = registry.open_stream("peer").unwrap();
         stream
             .upsert(domain("default", "vm-a", HypervisorType::Kvm))
             .unwrap();
@@ -394,9 +462,9 @@ mod tests {
 
     #[test]
     fn closing_a_stream_drops_only_its_series() {
-        let registry = Registry::new("node-1");
-        let first = registry.open_stream("a");
-        let second = registry.open_stream("b");
+        let registry = Registry::new("node-1", CAPACITY);
+        let first = registry.open_stream("a").unwrap();
+        let second = registry.open_stream("b").unwrap();
         first
             .upsert(domain("ns", "vm-1", HypervisorType::Kvm))
             .unwrap();
@@ -413,18 +481,15 @@ mod tests {
 
     #[test]
     fn a_stream_cannot_withdraw_another_streams_series() {
-        let registry = Registry::new("node-1");
-        let owner = registry.open_stream("a");
-        let other = registry.open_stream("b");
+        let registry = Registry::new("node-1", CAPACITY);
+        let owner = registry.open_stream("a").unwrap();
+        let other = registry.open_stream("b").unwrap();
         owner
             .upsert(domain("ns", "vm", HypervisorType::Kvm))
             .unwrap();
         assert_eq!(
             other.withdraw(&key("ns", "vm")),
-            Err(NotReported {
-                namespace: "ns".into(),
-                name: "vm".into()
-            })
+            Err(Rejection::NotReported)
         );
         assert_eq!(exposed(&registry).len(), 1);
         assert_eq!(
@@ -435,9 +500,9 @@ mod tests {
 
     #[test]
     fn a_second_claim_is_held_until_the_first_goes() {
-        let registry = Registry::new("node-1");
-        let old = registry.open_stream("old");
-        let new = registry.open_stream("new");
+        let registry = Registry::new("node-1", CAPACITY);
+        let old = registry.open_stream("old").unwrap();
+        let new = registry.open_stream("new").unwrap();
         old.upsert(domain("ns", "vm", HypervisorType::Kvm)).unwrap();
         new.upsert(domain("ns", "vm", HypervisorType::QemuTcg))
             .unwrap();
@@ -453,8 +518,8 @@ mod tests {
 
     #[test]
     fn an_invalid_report_changes_nothing_else() {
-        let registry = Registry::new("node-1");
-        let stream = registry.open_stream("a");
+        let registry = Registry::new("node-1", CAPACITY);
+        let stream = registry.open_stream("a").unwrap();
         stream
             .upsert(domain("ns", "vm", HypervisorType::Kvm))
             .unwrap();
@@ -467,8 +532,8 @@ mod tests {
 
     #[test]
     fn watchers_see_every_change_after_the_snapshot() {
-        let registry = Registry::new("node-1");
-        let stream = registry.open_stream("a");
+        let registry = Registry::new("node-1", CAPACITY);
+        let stream = registry.open_stream("a").unwrap();
         stream
             .upsert(domain("ns", "before", HypervisorType::Kvm))
             .unwrap();
@@ -495,11 +560,46 @@ mod tests {
     }
 
     #[test]
+    fn limits_refuse_only_what_is_over_them() {
+        let registry = Registry::new("node-1", CAPACITY);
+        let streams: Vec<StreamHandle> = (0..CAPACITY.streams)
+            .map(|i| registry.open_stream(format!("peer-{i}")).unwrap())
+            .collect();
+        assert_eq!(
+            registry.open_stream("one too many").err(),
+            Some(TooManyStreams(CAPACITY.streams))
+        );
+
+        let stream = &streams[0];
+        stream
+            .upsert(domain("ns", "vm-1", HypervisorType::Kvm))
+            .unwrap();
+        stream
+            .upsert(domain("ns", "vm-2", HypervisorType::Kvm))
+            .unwrap();
+        assert_eq!(
+            stream.upsert(domain("ns", "vm-3", HypervisorType::Kvm)),
+            Err(Rejection::TooManyDomains)
+        );
+        // Updating what it already reports is still fine at the limit.
+        stream
+            .upsert(domain("ns", "vm-2", HypervisorType::QemuTcg))
+            .unwrap();
+        assert_eq!(exposed(&registry).len(), 2);
+        let counts = registry.snapshot().counts().clone();
+        assert_eq!(counts.limit_hits[Limit::Streams.index()], 1);
+        assert_eq!(counts.limit_hits[Limit::DomainsPerStream.index()], 1);
+
+        drop(streams);
+        assert!(registry.open_stream("room again").is_ok());
+    }
+
+    #[test]
     fn unknown_hypervisor_enum_values_read_as_unknown() {
         let mut d = domain("ns", "vm", HypervisorType::Kvm);
         d.hypervisor_type = 42;
-        let registry = Registry::new("n");
-        let stream = registry.open_stream("a");
+        let registry = Registry::new("n", CAPACITY);
+        let stream = registry.open_stream("a").unwrap();
         stream.upsert(d).unwrap();
         assert_eq!(exposed(&registry), [("ns".into(), "vm".into(), "unknown")]);
     }

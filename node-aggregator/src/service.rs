@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use hypervisor_proto::v1::hypervisor_reporter_server::HypervisorReporter;
 use hypervisor_proto::v1::{DomainReport, ReportAck, domain_report::Change};
@@ -11,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::registry::{Registry, StreamHandle, VmiKey};
+use crate::registry::{Limit, Registry, StreamHandle, VmiKey};
 use crate::validate::Rejection;
 
 /// Acks in flight per stream before the aggregator stops reading that stream.
@@ -19,11 +20,16 @@ const ACK_BUFFER: usize = 16;
 
 pub struct ReportService {
     registry: Arc<Registry>,
+    reports_per_second: u32,
 }
 
 impl ReportService {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        ReportService { registry }
+    /// `reports_per_second` bounds each stream, with one second's worth as burst.
+    pub fn new(registry: Arc<Registry>, reports_per_second: u32) -> Self {
+        ReportService {
+            registry,
+            reports_per_second,
+        }
     }
 }
 
@@ -38,10 +44,20 @@ impl HypervisorReporter for ReportService {
         request: Request<Streaming<DomainReport>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
         let peer = peer_of(&request);
-        let stream = self.registry.open_stream(peer.as_str());
+        let stream = self.registry.open_stream(peer.as_str()).map_err(|full| {
+            warn!(%peer, "report stream refused: {full}");
+            Status::resource_exhausted(full.to_string())
+        })?;
         let (acks, ack_stream) = mpsc::channel(ACK_BUFFER);
         info!(stream = stream.id(), %peer, "report stream opened");
-        tokio::spawn(serve_stream(stream, peer, request.into_inner(), acks));
+        let budget = RateBudget::new(self.reports_per_second);
+        tokio::spawn(serve_stream(
+            stream,
+            peer,
+            request.into_inner(),
+            budget,
+            acks,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_stream))))
     }
 }
@@ -52,6 +68,7 @@ async fn serve_stream(
     stream: StreamHandle,
     peer: String,
     mut reports: Streaming<DomainReport>,
+    mut budget: RateBudget,
     acks: mpsc::Sender<Result<ReportAck, Status>>,
 ) {
     let failure = loop {
@@ -60,12 +77,28 @@ async fn serve_stream(
             Ok(None) => break None,
             Err(status) => {
                 // Undecodable bytes or a broken connection: nothing more of this stream can be trusted.
+                let status = if status.code() == Code::OutOfRange {
+                    // tonic's word for a message over the decoding limit.
+                    stream.count_limit_hit(Limit::MessageBytes);
+                    Status::resource_exhausted(format!(
+                        "report larger than --max-message-bytes: {}",
+                        status.message()
+                    ))
+                } else {
+                    status
+                };
                 let failure = format!("{}: {}", status.code(), status.message());
                 let _ = acks.send(Err(status)).await;
                 break Some(failure);
             }
         };
-        let ack = apply(&stream, report);
+        let ack = if budget.take() {
+            apply(&stream, report)
+        } else {
+            stream.count_rejection(Rejection::RateLimited);
+            stream.count_limit_hit(Limit::ReportsPerSecond);
+            rejected(report.sequence, Rejection::RateLimited)
+        };
         if ack.code != Code::Ok as i32 {
             debug!(stream = stream.id(), %peer, reason = %ack.message, "report rejected");
         }
@@ -85,25 +118,73 @@ async fn serve_stream(
 
 fn apply(stream: &StreamHandle, report: DomainReport) -> ReportAck {
     let result = match report.change {
-        Some(Change::Upsert(domain)) => stream
-            .upsert(domain)
-            .map_err(|rejection| (Code::InvalidArgument, rejection.to_string())),
-        Some(Change::Withdraw(key)) => stream
-            .withdraw(&VmiKey {
-                namespace: key.namespace,
-                name: key.name,
-            })
-            .map_err(|refusal| (Code::NotFound, refusal.to_string())),
+        Some(Change::Upsert(domain)) => stream.upsert(domain),
+        Some(Change::Withdraw(key)) => stream.withdraw(&VmiKey {
+            namespace: key.namespace,
+            name: key.name,
+        }),
         None => {
             stream.count_rejection(Rejection::Empty);
-            Err((Code::InvalidArgument, Rejection::Empty.to_string()))
+            Err(Rejection::Empty)
         }
     };
-    let (code, message) = result.err().unwrap_or((Code::Ok, String::new()));
+    match result {
+        Ok(()) => ReportAck {
+            sequence: report.sequence,
+            code: Code::Ok as i32,
+            message: String::new(),
+        },
+        Err(rejection) => rejected(report.sequence, rejection),
+    }
+}
+
+fn rejected(sequence: u64, rejection: Rejection) -> ReportAck {
+    let code = match rejection {
+        Rejection::NotReported => Code::NotFound,
+        Rejection::TooManyDomains | Rejection::RateLimited => Code::ResourceExhausted,
+        Rejection::Empty
+        | Rejection::InvalidNamespace
+        | Rejection::InvalidName
+        | Rejection::InvalidUid
+        | Rejection::InvalidDomainName
+        | Rejection::InvalidVersion => Code::InvalidArgument,
+    };
     ReportAck {
-        sequence: report.sequence,
+        sequence,
         code: code as i32,
-        message,
+        message: rejection.to_string(),
+    }
+}
+
+/// A token bucket holding one second's worth of reports: a sidecar resending its
+/// state after a reconnect fits; a flood does not.
+struct RateBudget {
+    per_second: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl RateBudget {
+    fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second);
+        RateBudget {
+            per_second,
+            tokens: per_second,
+            refilled: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.per_second);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -112,4 +193,17 @@ fn peer_of<T>(request: &Request<T>) -> String {
         .remote_addr()
         .map(|addr| addr.to_string())
         .unwrap_or_else(|| "unix".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_budget_allows_one_second_of_burst_then_the_rate() {
+        let mut budget = RateBudget::new(10);
+        assert_eq!((0..20).filter(|_| budget.take()).count(), 10);
+        budget.refilled -= std::time::Duration::from_millis(500);
+        assert_eq!((0..20).filter(|_| budget.take()).count(), 5);
+    }
 }

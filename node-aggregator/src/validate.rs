@@ -24,11 +24,15 @@ pub enum Rejection {
     InvalidVersion,
     #[error("the VMI was not reported on this stream")]
     NotReported,
+    #[error("this stream reports as many VMIs as --max-domains-per-stream allows")]
+    TooManyDomains,
+    #[error("this stream sends more reports per second than --max-reports-per-second allows")]
+    RateLimited,
 }
 
 impl Rejection {
     /// Every reason, so each counter exists from the start (`rate()` needs a zero).
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 9] = [
         Rejection::Empty,
         Rejection::InvalidNamespace,
         Rejection::InvalidName,
@@ -36,6 +40,8 @@ impl Rejection {
         Rejection::InvalidDomainName,
         Rejection::InvalidVersion,
         Rejection::NotReported,
+        Rejection::TooManyDomains,
+        Rejection::RateLimited,
     ];
 
     pub fn index(self) -> usize {
@@ -52,6 +58,8 @@ impl Rejection {
             Rejection::InvalidDomainName => "invalid_domain_name",
             Rejection::InvalidVersion => "invalid_version",
             Rejection::NotReported => "not_reported",
+            Rejection::TooManyDomains => "too_many_domains",
+            Rejection::RateLimited => "rate_limited",
         }
     }
 }
