@@ -15,6 +15,7 @@ use node_aggregator::inventory::InventoryService;
 use node_aggregator::metrics::{self, Exposition};
 use node_aggregator::registry::{Capacity, Registry};
 use node_aggregator::service::ReportService;
+use node_aggregator::tls::ReloadingCert;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -36,6 +37,12 @@ struct Args {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9441")]
     metrics_listen: SocketAddr,
+    /// Serve the metrics address over HTTPS with this PEM certificate chain (reloaded when it changes).
+    #[arg(long, env = "METRICS_TLS_CERT", requires = "metrics_tls_key")]
+    metrics_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --metrics-tls-cert.
+    #[arg(long, env = "METRICS_TLS_KEY", requires = "metrics_tls_cert")]
+    metrics_tls_key: Option<PathBuf>,
     /// This node's name: the `node` label of every series (the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -114,19 +121,28 @@ async fn main() -> anyhow::Result<()> {
             .add_routes(routes)
             .serve_with_incoming(grpc_incoming),
     );
-    let http = tokio::spawn(
-        axum::serve(
-            metrics_listener,
-            metrics::router(exposition, Arc::clone(&ready)),
-        )
-        .into_future(),
-    );
+    let tls = match (&args.metrics_tls_cert, &args.metrics_tls_key) {
+        // clap makes each flag require the other.
+        (Some(cert), Some(key)) => {
+            let cert = ReloadingCert::load(cert, key)?;
+            let acceptor = cert.acceptor()?;
+            tokio::spawn(cert.watch());
+            Some(acceptor)
+        }
+        _ => None,
+    };
+    let http = tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics::router(exposition, Arc::clone(&ready)),
+        tls,
+    ));
     ready.store(true, Ordering::Release);
     info!(
         node = %args.node_name,
         grpc = %args.grpc_listen,
         grpc_unix = ?args.grpc_unix,
         metrics = %args.metrics_listen,
+        metrics_tls = args.metrics_tls_cert.is_some(),
         "node-aggregator serving"
     );
 
@@ -143,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         result = grpc => result.context("gRPC server task")?.context("serving gRPC")?,
         result = unix => result.context("gRPC unix server task")?.context("serving gRPC on the unix socket")?,
-        result = http => result.context("metrics server task")?.context("serving metrics")?,
+        result = http => result.context("metrics server task")?,
         _ = terminate.recv() => info!("SIGTERM: shutting down"),
         _ = interrupt.recv() => info!("SIGINT: shutting down"),
     }

@@ -6,6 +6,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -13,7 +14,13 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prometheus::{Encoder, IntGaugeVec, Opts, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
 
 use crate::registry::{Limit, Registry};
 use crate::validate::Rejection;
@@ -175,6 +182,43 @@ fn escape(value: &str) -> std::borrow::Cow<'_, str> {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
         .into()
+}
+
+/// A client gets this long for its TLS handshake and for its request headers,
+/// so that slow or silent clients cannot pile up connections.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` over HTTP/1.1, in TLS when `tls` is given.
+pub async fn serve(listener: TcpListener, router: Router, tls: Option<TlsAcceptor>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors, usually: wait for some to close.
+                warn!(%err, "metrics listener cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let mut http = http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(CLIENT_DEADLINE);
+            let served = match tls {
+                None => http.serve_connection(TokioIo::new(tcp), service).await,
+                Some(tls) => match tokio::time::timeout(CLIENT_DEADLINE, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), service).await,
+                    Ok(Err(err)) => return debug!(%peer, %err, "metrics TLS handshake failed"),
+                    Err(_) => return debug!(%peer, "metrics TLS handshake timed out"),
+                },
+            };
+            if let Err(err) = served {
+                debug!(%peer, %err, "metrics connection ended with an error");
+            }
+        });
+    }
 }
 
 /// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the

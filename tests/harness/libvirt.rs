@@ -262,6 +262,7 @@ impl LibvirtDaemon {
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
             this.give_to_user(&d, 0o700)?;
         }
+        this.write_host_uuid()?;
 
         // The first daemon of this process may have to probe QEMU; let the others wait for its
         // results instead of all probing at once on 2 cores.
@@ -281,6 +282,58 @@ impl LibvirtDaemon {
             *saved = true;
         }
         Ok(this)
+    }
+
+    /// Each daemon plays its own host: libvirt refuses to migrate a guest to the host it is
+    /// on, and tells hosts apart by this UUID (this machine has no SMBIOS UUID anyway).
+    fn write_host_uuid(&self) -> Result<()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.dir.path(), std::process::id(), Instant::now()).hash(&mut hasher);
+        let a = hasher.finish();
+        self.dir.path().hash(&mut hasher);
+        let b = hasher.finish();
+        let uuid = format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            b >> 52,
+            b & 0xffff_ffff_ffff
+        );
+        let dir = self.config_home().join("libvirt");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let conf = dir.join("libvirtd.conf");
+        fs::write(&conf, format!("host_uuid = \"{uuid}\"\n"))
+            .with_context(|| format!("writing {}", conf.display()))?;
+        self.give_to_user(&dir, 0o700)?;
+        self.give_to_user(&conf, 0o600)
+    }
+
+    /// Live-migrates a running guest to `target`, as KubeVirt moves a VMI between nodes:
+    /// the guest arrives paused on the target, then resumes there (or stays paused with
+    /// `stay_paused`), and stops on this daemon with reason `migrated`.
+    pub fn migrate_guest(
+        &self,
+        name: &str,
+        target: &LibvirtDaemon,
+        stay_paused: bool,
+    ) -> Result<()> {
+        let migrate_uri = format!("tcp://127.0.0.1:{}", crate::tools::free_port());
+        let target_uri = target.uri();
+        let mut args = vec![
+            "migrate",
+            "--live",
+            name,
+            &target_uri,
+            "--migrateuri",
+            &migrate_uri,
+        ];
+        if stay_paused {
+            args.push("--suspend");
+        }
+        self.virsh(&args)
+            .with_context(|| format!("migrating {name} to {target_uri}"))?;
+        Ok(())
     }
 
     /// `qemu+unix:///session?socket=<XDG_RUNTIME_DIR>/libvirt/libvirt-sock`
