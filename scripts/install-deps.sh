@@ -64,6 +64,64 @@ else
 	fi
 fi
 
+# Manifest validation (tests/manifests.rs). kubernetes-validate checks every manifest against
+# the Kubernetes 1.36 and 1.37 schemas; 1.37.0 is the first release that ships both.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if [[ "$(kubernetes-validate --version 2>/dev/null)" == "$KUBERNETES_VALIDATE_VERSION" ]]; then
+	log "kubernetes-validate $KUBERNETES_VALIDATE_VERSION already on PATH"
+else
+	if ! python3 -m pip --version >/dev/null 2>&1; then
+		log "installing python3-pip"
+		apt-get update
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip
+	fi
+	pip_args=(install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION")
+	if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+		pip_args+=(--break-system-packages)
+	fi
+	log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION (PyPI)"
+	python3 -m pip "${pip_args[@]}"
+	if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+	if [[ "$(kubernetes-validate --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]]; then
+		echo "install-deps: kubernetes-validate $KUBERNETES_VALIDATE_VERSION installed but not the one on PATH ($(command -v kubernetes-validate || echo none)); scripts dir: $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" >&2
+		exit 1
+	fi
+fi
+
+# Custom resources (ServiceMonitor, PrometheusRule, VirtualMachineInstance, KubeVirt) are not
+# in Kubernetes' schemas. These npm packages carry types and validators generated from the
+# published prometheus-operator and KubeVirt API definitions; the test type-checks the
+# manifests against them with TypeScript. @bufbuild/cel evaluates the admission policy's CEL
+# on sample pods. Pinned, in a directory of their own.
+SCHEMA_TOOLS_DIR=/usr/local/lib/kubevirt-hypervisor-metric/schema-tools
+SCHEMA_TOOLS=(
+	typescript@7.0.2
+	@kubevirt-ui-ext/kubevirt-api@1.7.0
+	@kubernetes-models/prometheus-operator@6.0.0
+	@bufbuild/cel@0.6.1
+)
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+	log "installing nodejs and npm"
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm
+fi
+npm_installed() {
+	local name=${1%@*} version=${1##*@}
+	local manifest="$SCHEMA_TOOLS_DIR/node_modules/$name/package.json"
+	[[ -f "$manifest" ]] && [[ "$(node -p 'require(process.argv[1]).version' "$manifest" 2>/dev/null)" == "$version" ]]
+}
+missing=()
+for spec in "${SCHEMA_TOOLS[@]}"; do
+	npm_installed "$spec" || missing+=("$spec")
+done
+if ((${#missing[@]})); then
+	log "installing ${missing[*]} into $SCHEMA_TOOLS_DIR (npm)"
+	mkdir -p "$SCHEMA_TOOLS_DIR"
+	npm install --prefix "$SCHEMA_TOOLS_DIR" --save-exact --no-audit --no-fund --loglevel=error "${SCHEMA_TOOLS[@]}"
+else
+	log "schema tools already in $SCHEMA_TOOLS_DIR"
+fi
+
 # The test user's QEMU needs /dev/kvm through group kvm, as on a KubeVirt node.
 if getent group kvm >/dev/null; then
 	log "group kvm exists"

@@ -1,15 +1,17 @@
 use std::io::IsTerminal;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use futures_util::FutureExt;
 use launcher_sidecar::hook::{self, Hooks};
 use launcher_sidecar::libvirt::{DEFAULT_URIS, Domains, Watcher};
 use launcher_sidecar::report::{self, AggregatorAddr, Sources};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Reports the hypervisor of its virt-launcher's domain to the node-aggregator.
 #[derive(Parser)]
@@ -55,6 +57,8 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // One log line per panic, wherever it happens; the callers decide how to go on.
+    std::panic::set_hook(Box::new(|panic| error!("{panic}")));
 
     // First of all: virt-launcher waits for this socket before it starts anything else.
     let hook_socket = match (&args.container_name, args.no_hooks) {
@@ -64,14 +68,15 @@ async fn main() -> anyhow::Result<()> {
 
     let (libvirt_tx, libvirt_rx) = watch::channel(None);
     let (defined_tx, defined_rx) = watch::channel(Domains::new());
-    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    // Set by SIGTERM, SIGINT or the Shutdown hook.
+    let (stop_tx, stop_rx) = watch::channel(false);
     let (stop_hooks_tx, mut stop_hooks_rx) = watch::channel(false);
 
     let hook_server = hook_socket.map(|(listener, path)| {
         info!(socket = %path.display(), "hook socket ready");
         let hooks = Hooks {
             defined: defined_tx,
-            shutdown: shutdown_tx,
+            shutdown: stop_tx.clone(),
         };
         let stop = async move {
             let _ = stop_hooks_rx.wait_for(|stop| *stop).await;
@@ -91,20 +96,24 @@ async fn main() -> anyhow::Result<()> {
 
     let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
-    let shutdown = async {
+    tokio::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => info!("SIGTERM: withdrawing and exiting"),
             _ = interrupt.recv() => info!("SIGINT: withdrawing and exiting"),
-            // The hook logs the Shutdown call itself; without hooks this never completes.
-            Ok(_) = shutdown_rx.wait_for(|shutdown| *shutdown) => {}
         }
-    };
-    report::run(
-        args.aggregator,
-        Sources::new(libvirt_rx, defined_rx),
-        shutdown,
-    )
-    .await;
+        stop_tx.send_replace(true);
+    });
+
+    let mut sources = Sources::new(libvirt_rx, defined_rx);
+    // A bug in the report loop costs a reconnect, not the sidecar: virt-launcher pods
+    // do not restart their containers.
+    while AssertUnwindSafe(report::run(&args.aggregator, &mut sources, stop_rx.clone()))
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        error!("the report loop panicked; starting it again");
+    }
 
     if let Some((server, path)) = hook_server {
         stop_hooks_tx.send_replace(true);

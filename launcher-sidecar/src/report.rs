@@ -120,19 +120,25 @@ const STABLE_STREAM: Duration = Duration::from_secs(10);
 /// How long a withdrawal at shutdown may wait for the aggregator's answer.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// Streams `domains` to the aggregator until `shutdown` completes; then
-/// withdraws everything and closes the stream.
+/// Streams `domains` to the aggregator until `stop` turns true; then withdraws
+/// everything and closes the stream.
 pub async fn run(
-    aggregator: AggregatorAddr,
-    mut domains: Sources,
-    shutdown: impl Future<Output = ()>,
+    aggregator: &AggregatorAddr,
+    domains: &mut Sources,
+    mut stop: watch::Receiver<bool>,
 ) {
+    let shutdown = async move {
+        if stop.wait_for(|stop| *stop).await.is_err() {
+            // Nobody can ask for a stop any more.
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::pin!(shutdown);
     let mut delay = FIRST_RETRY;
     let mut failures = 0u32;
     loop {
         let connected = tokio::select! {
-            connected = open_stream(&aggregator) => connected,
+            connected = open_stream(aggregator) => connected,
             () = &mut shutdown => return,
         };
         let stream = match connected {
@@ -155,7 +161,7 @@ pub async fn run(
         info!(%aggregator, "streaming to the aggregator");
         failures = 0;
         let opened = Instant::now();
-        match stream.follow(&mut domains, &mut shutdown).await {
+        match stream.follow(domains, &mut shutdown).await {
             Ok(()) => return,
             Err(err) => warn!(%aggregator, "aggregator stream lost: {err:#}; reconnecting"),
         }
