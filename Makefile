@@ -1,5 +1,5 @@
 # Entry points for humans and CI. `make test` is what CI runs on a fresh Debian 12 machine (as root).
-.PHONY: deps build lint test demo
+.PHONY: deps build lint test demo fuzz bench
 
 CARGO ?= cargo
 
@@ -19,3 +19,16 @@ test: deps lint build
 
 demo: deps build
 	$(CARGO) run -q -p e2e --bin demo
+
+# Each cargo-fuzz target for FUZZ_SECONDS (default 60) seconds; crash inputs become
+# regression tests under tests/fuzz/regressions/. Installs cargo-fuzz when missing.
+fuzz:
+	CARGO=$(CARGO) ./tests/fuzz/run.sh
+
+# Footprint and latencies of the release binaries on this machine, printed as one table
+# (docs/performance.md). Not part of `make test`: it takes minutes and measures rather than
+# asserts. BENCH_QUICK=1 shortens it to a smoke run; BENCH_ONLY=sidecar,detection,aggregator,churn
+# picks parts.
+bench: deps
+	$(CARGO) build --release -p launcher-sidecar -p node-aggregator
+	$(CARGO) run --release -q -p e2e --bin bench

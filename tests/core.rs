@@ -277,3 +277,32 @@ fn prometheus_promtool_and_grpcurl_read_the_aggregator() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[test]
+fn a_sidecar_refused_for_a_limit_catches_up_on_the_same_stream() -> Result<()> {
+    let daemon = LibvirtDaemon::start()?;
+    // Two reports a second: the five guests' first reports cannot all get in at once.
+    let aggregator = Aggregator::start_with("node-1", &["--max-reports-per-second", "2"])?;
+    let names = ["vm-0", "vm-1", "vm-2", "vm-3", "vm-4"];
+    for name in names {
+        daemon.start_guest(&format!("default_{name}"), GuestKind::Tcg, false)?;
+    }
+    let sidecar = Sidecar::start(&daemon.uri(), &aggregator.grpc_url(), &[])?;
+    let took = aggregator
+        .wait_for_names(&names, Duration::from_secs(60))
+        .with_context(|| sidecar.log())?;
+    eprintln!("five reports at two a second: all in after {took:?}");
+    let log = sidecar.log();
+    assert!(log.contains("refused a report"), "no refusal seen:\n{log}");
+    assert_eq!(
+        log.matches("streaming to the aggregator").count(),
+        1,
+        "a refusal must not cost the stream:\n{log}"
+    );
+    let hits = aggregator.metric(
+        "kubevirt_hypervisor_aggregator_limit_hits_total",
+        &[("limit", "reports_per_second")],
+    )?;
+    assert!(hits.is_some_and(|hits| hits > 0.0), "limit hits: {hits:?}");
+    Ok(())
+}

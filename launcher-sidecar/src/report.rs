@@ -4,20 +4,23 @@
 //! takes its series with it), so every new stream first sends the whole current
 //! set, then only the differences as they come.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hyper_util::rt::TokioIo;
 use hypervisor_proto::v1::hypervisor_reporter_client::HypervisorReporterClient;
-use hypervisor_proto::v1::{Domain, DomainKey, DomainReport, DomainState, domain_report::Change};
+use hypervisor_proto::v1::{
+    Domain, DomainKey, DomainReport, DomainState, ReportAck, domain_report::Change,
+};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Streaming};
 use tower::service_fn;
 use tracing::{debug, info, warn};
 
@@ -115,6 +118,8 @@ impl std::fmt::Display for AggregatorAddr {
 /// that a node's sidecars do not all knock at once after an aggregator restart.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(3);
+/// The longest wait before resending a report the aggregator refused for a limit.
+const MAX_REFUSED_RETRY: Duration = Duration::from_secs(30);
 /// A stream that lived this long was healthy; the next reconnect starts with short delays.
 const STABLE_STREAM: Duration = Duration::from_secs(10);
 /// How long a withdrawal at shutdown may wait for the aggregator's answer.
@@ -191,12 +196,7 @@ async fn open_stream(aggregator: &AggregatorAddr) -> anyhow::Result<ReportStream
         .await
         .context("opening the report stream")?
         .into_inner();
-    Ok(ReportStream {
-        requests,
-        acks,
-        sent: BTreeMap::new(),
-        sequence: 0,
-    })
+    Ok(ReportStream::new(requests, acks))
 }
 
 async fn connect(aggregator: &AggregatorAddr) -> anyhow::Result<Channel> {
@@ -229,13 +229,33 @@ async fn connect(aggregator: &AggregatorAddr) -> anyhow::Result<Channel> {
 /// One open report stream and what it has told the aggregator.
 struct ReportStream {
     requests: mpsc::Sender<DomainReport>,
-    acks: Streaming<hypervisor_proto::v1::ReportAck>,
+    acks: Streaming<ReportAck>,
     /// What the aggregator holds from this stream, by libvirt domain name.
     sent: BTreeMap<String, Domain>,
     sequence: u64,
+    /// Reports awaiting their ack, by sequence: which domain and VMI each was about.
+    in_flight: HashMap<u64, (String, DomainKey)>,
+    /// Domains whose last report the aggregator refused for one of its limits.
+    refused: BTreeSet<String>,
+    /// When to send the refused reports again, and how long to wait after the next refusal.
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
 }
 
 impl ReportStream {
+    fn new(requests: mpsc::Sender<DomainReport>, acks: Streaming<ReportAck>) -> Self {
+        ReportStream {
+            requests,
+            acks,
+            sent: BTreeMap::new(),
+            sequence: 0,
+            in_flight: HashMap::new(),
+            refused: BTreeSet::new(),
+            retry_at: None,
+            retry_delay: FIRST_RETRY,
+        }
+    }
+
     /// Keeps the aggregator equal to `domains` until the stream fails (Err) or
     /// `shutdown` completes (Ok, after withdrawing everything).
     async fn follow(
@@ -245,24 +265,59 @@ impl ReportStream {
     ) -> anyhow::Result<()> {
         self.send_changes(&domains.current()).await?;
         loop {
+            let retry_at = self.retry_at.unwrap_or_else(Instant::now);
             tokio::select! {
                 () = domains.changed() => self.send_changes(&domains.current()).await?,
+                () = tokio::time::sleep_until(retry_at), if self.retry_at.is_some() => {
+                    self.retry_at = None;
+                    self.send_changes(&domains.current()).await?;
+                }
                 ack = self.acks.message() => match ack.context("reading acks")? {
-                    // Over a limit, the aggregator lacks part of this state: start afresh.
-                    Some(ack) if ack.code == tonic::Code::ResourceExhausted as i32 => {
-                        bail!("the aggregator refused report {}: {}", ack.sequence, ack.message)
-                    }
-                    Some(ack) if ack.code != 0 => warn!(
-                        sequence = ack.sequence, code = ack.code, reason = %ack.message,
-                        "the aggregator rejected a report"
-                    ),
-                    Some(_) => {}
+                    Some(ack) => self.on_ack(ack),
                     None => bail!("the aggregator closed the stream"),
                 },
                 () = &mut *shutdown => {
                     self.send_changes(&Domains::new()).await?;
                     return self.close().await;
                 }
+            }
+        }
+    }
+
+    fn on_ack(&mut self, ack: ReportAck) {
+        let Some((name, vmi)) = self.in_flight.remove(&ack.sequence) else {
+            return;
+        };
+        match Code::from_i32(ack.code) {
+            Code::Ok => {
+                if self.refused.remove(&name) {
+                    info!(domain = %name, "the aggregator accepted the report it refused before");
+                }
+                if self.refused.is_empty() {
+                    self.retry_delay = FIRST_RETRY;
+                }
+            }
+            // Over one of the aggregator's limits (rate, domains per stream): it still holds
+            // whatever it held before, so send this domain's state again, later.
+            Code::ResourceExhausted => {
+                // A placeholder that matches no real report, so the next pass resends.
+                let unknown = Domain {
+                    namespace: vmi.namespace,
+                    name: vmi.name,
+                    ..Domain::default()
+                };
+                self.sent.insert(name.clone(), unknown);
+                if self.refused.insert(name.clone()) {
+                    warn!(domain = %name, reason = %ack.message, "the aggregator refused a report; retrying with backoff");
+                }
+                if self.retry_at.is_none() {
+                    self.retry_at = Some(Instant::now() + jittered(self.retry_delay));
+                    self.retry_delay = (self.retry_delay * 2).min(MAX_REFUSED_RETRY);
+                }
+            }
+            // Invalid as sent: sending it again would not change the answer.
+            code => {
+                warn!(domain = %name, ?code, reason = %ack.message, "the aggregator rejected a report")
             }
         }
     }
@@ -277,32 +332,47 @@ impl ReportStream {
             .collect();
         for name in gone {
             if let Some(domain) = self.sent.remove(&name) {
-                info!(domain = %name, "withdrawing");
-                self.send(Change::Withdraw(DomainKey {
+                if !self.refused.contains(&name) {
+                    info!(domain = %name, "withdrawing");
+                }
+                let vmi = DomainKey {
                     namespace: domain.namespace,
                     name: domain.name,
-                }))
-                .await?;
+                };
+                self.send(&name, vmi.clone(), Change::Withdraw(vmi)).await?;
             }
         }
         for (name, running) in domains {
             let domain = to_proto(name, running);
             if self.sent.get(name) != Some(&domain) {
-                info!(
-                    domain = %name,
-                    hypervisor = domain.hypervisor_type().label(),
-                    paused = running.paused,
-                    "reporting"
-                );
+                if !self.refused.contains(name) {
+                    info!(
+                        domain = %name,
+                        hypervisor = domain.hypervisor_type().label(),
+                        paused = running.paused,
+                        "reporting"
+                    );
+                }
+                let vmi = DomainKey {
+                    namespace: domain.namespace.clone(),
+                    name: domain.name.clone(),
+                };
                 self.sent.insert(name.clone(), domain.clone());
-                self.send(Change::Upsert(domain)).await?;
+                self.send(name, vmi, Change::Upsert(domain)).await?;
             }
         }
         Ok(())
     }
 
-    async fn send(&mut self, change: Change) -> anyhow::Result<()> {
+    async fn send(
+        &mut self,
+        domain_name: &str,
+        vmi: DomainKey,
+        change: Change,
+    ) -> anyhow::Result<()> {
         self.sequence += 1;
+        self.in_flight
+            .insert(self.sequence, (domain_name.to_string(), vmi));
         self.requests
             .send(DomainReport {
                 sequence: self.sequence,

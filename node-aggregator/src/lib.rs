@@ -2,9 +2,10 @@
 //! (`service`), the `registry` holds one series per VMI for as long as the
 //! stream that reported it is open, and `metrics` (Prometheus) and `inventory`
 //! (gRPC, for grpcurl) read the registry. `validate` decides what may become a
-//! series; `tls` keeps the metrics endpoint's certificate current.
+//! series; `listener` and `tls` guard the two ports.
 
 pub mod inventory;
+pub mod listener;
 pub mod metrics;
 pub mod registry;
 pub mod service;

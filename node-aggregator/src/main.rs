@@ -12,6 +12,7 @@ use hypervisor_proto::v1::{
     inventory_server::InventoryServer,
 };
 use node_aggregator::inventory::InventoryService;
+use node_aggregator::listener;
 use node_aggregator::metrics::{self, Exposition};
 use node_aggregator::registry::{Capacity, Registry};
 use node_aggregator::service::ReportService;
@@ -119,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc = tokio::spawn(
         grpc_server(&args)
             .add_routes(routes)
-            .serve_with_incoming(grpc_incoming),
+            .serve_with_incoming(listener::require_preface(grpc_incoming)),
     );
     let tls = match (&args.metrics_tls_cert, &args.metrics_tls_key) {
         // clap makes each flag require the other.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use hypervisor_proto::v1::hypervisor_reporter_server::HypervisorReporter;
 use hypervisor_proto::v1::{DomainReport, ReportAck, domain_report::Change};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -21,14 +21,34 @@ const ACK_BUFFER: usize = 16;
 pub struct ReportService {
     registry: Arc<Registry>,
     reports_per_second: u32,
+    trim: Arc<Notify>,
 }
 
 impl ReportService {
     /// `reports_per_second` bounds each stream, with one second's worth as burst.
+    /// Must be called inside the runtime: it starts the memory trimmer.
     pub fn new(registry: Arc<Registry>, reports_per_second: u32) -> Self {
+        let trim = Arc::new(Notify::new());
+        tokio::spawn(trim_freed_memory(Arc::clone(&trim)));
         ReportService {
             registry,
             reports_per_second,
+            trim,
+        }
+    }
+}
+
+/// After streams close, hands the memory they used back to the system: glibc
+/// keeps freed memory for reuse, so a burst of thousands of streams would
+/// otherwise leave the aggregator large for good. At most once a second.
+async fn trim_freed_memory(closed: Arc<Notify>) {
+    loop {
+        closed.notified().await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only walks and shrinks the allocator's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 }
@@ -51,13 +71,11 @@ impl HypervisorReporter for ReportService {
         let (acks, ack_stream) = mpsc::channel(ACK_BUFFER);
         info!(stream = stream.id(), %peer, "report stream opened");
         let budget = RateBudget::new(self.reports_per_second);
-        tokio::spawn(serve_stream(
-            stream,
-            peer,
-            request.into_inner(),
-            budget,
-            acks,
-        ));
+        let trim = Arc::clone(&self.trim);
+        tokio::spawn(async move {
+            serve_stream(stream, peer, request.into_inner(), budget, acks).await;
+            trim.notify_one();
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_stream))))
     }
 }
@@ -77,15 +95,21 @@ async fn serve_stream(
             Ok(None) => break None,
             Err(status) => {
                 // Undecodable bytes or a broken connection: nothing more of this stream can be trusted.
-                let status = if status.code() == Code::OutOfRange {
+                let status = match status.code() {
                     // tonic's word for a message over the decoding limit.
-                    stream.count_limit_hit(Limit::MessageBytes);
-                    Status::resource_exhausted(format!(
-                        "report larger than --max-message-bytes: {}",
-                        status.message()
-                    ))
-                } else {
-                    status
+                    Code::OutOfRange => {
+                        stream.count_limit_hit(Limit::MessageBytes);
+                        Status::resource_exhausted(format!(
+                            "report larger than --max-message-bytes: {}",
+                            status.message()
+                        ))
+                    }
+                    // Undecodable protobuf: INTERNAL, as gRPC specifies for parse errors.
+                    Code::Internal if status.message().starts_with("failed to decode") => {
+                        stream.count_rejection(Rejection::Malformed);
+                        status
+                    }
+                    _ => status,
                 };
                 let failure = format!("{}: {}", status.code(), status.message());
                 let _ = acks.send(Err(status)).await;
@@ -142,6 +166,7 @@ fn rejected(sequence: u64, rejection: Rejection) -> ReportAck {
     let code = match rejection {
         Rejection::NotReported => Code::NotFound,
         Rejection::TooManyDomains | Rejection::RateLimited => Code::ResourceExhausted,
+        Rejection::Malformed => Code::Internal,
         Rejection::Empty
         | Rejection::InvalidNamespace
         | Rejection::InvalidName

@@ -28,11 +28,13 @@ pub enum Rejection {
     TooManyDomains,
     #[error("this stream sends more reports per second than --max-reports-per-second allows")]
     RateLimited,
+    #[error("the message is not a DomainReport; the stream ends")]
+    Malformed,
 }
 
 impl Rejection {
     /// Every reason, so each counter exists from the start (`rate()` needs a zero).
-    pub const ALL: [Rejection; 9] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::Empty,
         Rejection::InvalidNamespace,
         Rejection::InvalidName,
@@ -42,6 +44,7 @@ impl Rejection {
         Rejection::NotReported,
         Rejection::TooManyDomains,
         Rejection::RateLimited,
+        Rejection::Malformed,
     ];
 
     pub fn index(self) -> usize {
@@ -60,6 +63,7 @@ impl Rejection {
             Rejection::NotReported => "not_reported",
             Rejection::TooManyDomains => "too_many_domains",
             Rejection::RateLimited => "rate_limited",
+            Rejection::Malformed => "malformed",
         }
     }
 }

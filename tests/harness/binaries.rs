@@ -40,12 +40,20 @@ pub struct Aggregator {
     metrics_port: u16,
     dir: TempDir,
     starts: usize,
+    /// Flags added to every start, e.g. limits and keepalive timeouts.
+    extra_args: Vec<String>,
 }
 
 impl Aggregator {
     pub fn start(node: &str) -> Result<Self> {
+        Self::start_with(node, &[])
+    }
+
+    /// Starts it with `extra_args` after the harness's own flags; a restart keeps them.
+    pub fn start_with(node: &str, extra_args: &[&str]) -> Result<Self> {
         let mut aggregator = Aggregator {
             child: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             node: node.to_string(),
             grpc_port: free_port(),
             metrics_port: free_port(),
@@ -72,6 +80,7 @@ impl Aggregator {
                 "--metrics-listen",
                 &format!("127.0.0.1:{}", self.metrics_port),
             ])
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -152,6 +161,23 @@ impl Aggregator {
         std::fs::read_to_string(&path).unwrap_or_else(|err| format!("({}: {err})", path.display()))
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Its resident memory now (`VmRSS` of /proc/PID/status).
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let pid = self.pid().context("the aggregator is not running")?;
+        rss_bytes(pid)
+    }
+
+    /// The value of the sample `name{labels}` on /metrics (labels given must match, others
+    /// may exist); `None` when there is no such sample.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<Option<f64>> {
+        sample_value(&self.metrics()?, name, labels)
+    }
+
     /// SIGKILL, as when the node's aggregator pod dies.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -189,6 +215,42 @@ pub fn info_series(exposition: &str) -> Result<Vec<Labels>> {
                 .collect()
         })
         .collect())
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+pub fn sample_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Result<Option<f64>> {
+    let scrape = prometheus_parse::Scrape::parse(exposition.lines().map(|l| Ok(l.to_string())))
+        .context("parsing the /metrics exposition")?;
+    Ok(scrape
+        .samples
+        .into_iter()
+        .find(|sample| {
+            sample.metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| sample.labels.get(k).is_some_and(|value| value == *v))
+        })
+        .map(|sample| match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        }))
+}
+
+/// `VmRSS` of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .context("no VmRSS in /proc/PID/status")?
+        .trim()
+        .parse()
+        .context("parsing VmRSS")?;
+    Ok(kib * 1024)
 }
 
 /// A running launcher-sidecar.
@@ -271,6 +333,31 @@ impl Sidecar {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP: the process freezes with its connections open, a half-open peer for the
+    /// aggregator (the kernel still acknowledges TCP, nothing answers HTTP/2 pings).
+    pub fn stop(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`stop`](Self::stop).
+    pub fn cont(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: i32) -> Result<()> {
+        let pid = self.pid().context("the sidecar is not running")?;
+        // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Sends `signal` and waits for the exit.
