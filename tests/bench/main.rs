@@ -19,7 +19,7 @@ mod load;
 mod procfs;
 mod table;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
@@ -28,7 +28,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use e2e::binaries::{Aggregator, Sidecar, binary, info_series};
@@ -58,7 +58,7 @@ const MAX_STREAMS: &str = "10000";
 /// --max-streams-per-connection, its advertised SETTINGS_MAX_CONCURRENT_STREAMS.
 const STREAMS_PER_CONNECTION: usize = 16;
 /// Between two /metrics polls in the detection phase. A poll of a one-series exposition
-/// takes ~0.2 ms; back-to-back polling would keep a core of this 2-core machine busy
+/// takes ~0.15 ms; back-to-back polling would keep a core of this 2-core machine busy
 /// rendering and compete with the sidecar being measured.
 const POLL_PAUSE: Duration = Duration::from_micros(500);
 
@@ -532,12 +532,16 @@ fn detection(
     let poller = Poller::start(runtime, metrics)?;
     let guests_dir = tempfile::tempdir().context("creating a dir for guest XML")?;
 
+    // Instants to wall-clock time, to place the sidecar's log timestamps between them.
+    let clock = (Instant::now(), SystemTime::now());
+    let wall = |at: Instant| clock.1 + at.saturating_duration_since(clock.0);
     let mut start_event = Vec::new();
     let mut start_job = Vec::new();
-    let mut after_start_job = Vec::new();
     let mut start_virsh = Vec::new();
     let mut stop_event = Vec::new();
     let mut stop_virsh = Vec::new();
+    // Per guest: (domain, start event, series seen, stop event, series gone).
+    let mut guests = Vec::new();
     for i in 0..config.guests {
         let domain = format!("bench_vm-{i:02}");
         let name = &domain["bench_".len()..];
@@ -550,12 +554,11 @@ fn detection(
         virsh(daemon, &["start", &domain])?;
         let returned = Instant::now();
         let seen = poller.wait(name, true, called, Duration::from_secs(30))?;
-        let event = events.wait_for(&domain, events::START, called, Duration::from_secs(10))?;
+        let started = events.wait_for(&domain, events::START, called, Duration::from_secs(10))?;
         let job_done =
             events.wait_for(&domain, &[events::STARTED], called, Duration::from_secs(10))?;
-        start_event.push(signed_ms(seen, event));
-        start_job.push(signed_ms(job_done, event));
-        after_start_job.push(signed_ms(seen, job_done));
+        start_event.push(signed_ms(seen, started.at));
+        start_job.push(signed_ms(job_done.at, started.at));
         start_virsh.push(signed_ms(seen, returned));
 
         // Lets the start settle (QEMU's first seconds, the sidecar's follow-up reads) so the
@@ -565,9 +568,25 @@ fn detection(
         virsh(daemon, &["destroy", &domain])?;
         let returned = Instant::now();
         let gone = poller.wait(name, false, called, Duration::from_secs(30))?;
-        let event = events.wait_for(&domain, events::STOP, called, Duration::from_secs(10))?;
-        stop_event.push(signed_ms(gone, event));
+        let stopped = events.wait_for(&domain, events::STOP, called, Duration::from_secs(10))?;
+        stop_event.push(signed_ms(gone, stopped.at));
         stop_virsh.push(signed_ms(gone, returned));
+        guests.push((domain, started, seen, stopped, gone));
+    }
+    // Where the time goes: the sidecar logs "reporting" and "withdrawing" just before it
+    // sends the upsert or the withdrawal, with a microsecond UTC timestamp.
+    let sends = sidecar_sends(&sidecar.log());
+    let (mut start_to_send, mut send_to_seen) = (Vec::new(), Vec::new());
+    let (mut stop_to_send, mut send_to_gone) = (Vec::new(), Vec::new());
+    for (domain, started, seen, stopped, gone) in &guests {
+        if let Some(&sent) = sends.get(&(domain.clone(), true)) {
+            start_to_send.push(signed_wall_ms(sent, started.wall));
+            send_to_seen.push(signed_wall_ms(wall(*seen), sent));
+        }
+        if let Some(&sent) = sends.get(&(domain.clone(), false)) {
+            stop_to_send.push(signed_wall_ms(sent, stopped.wall));
+            send_to_gone.push(signed_wall_ms(wall(*gone), sent));
+        }
     }
     let polls = poller.stop()?;
     eprintln!(
@@ -599,14 +618,26 @@ fn detection(
     );
     row(
         table,
-        &format!("detection: … of which libvirt's start job, Resumed → Started (N={n})"),
+        &format!("detection: … Resumed → Started, libvirt's start job (N={n})"),
         &start_job,
         false,
     );
     row(
         table,
-        &format!("detection: … Started event → series on /metrics (N={n})"),
-        &after_start_job,
+        &format!(
+            "detection: … Resumed → sidecar sends the upsert, its libvirt reads (N={})",
+            start_to_send.len()
+        ),
+        &start_to_send,
+        false,
+    );
+    row(
+        table,
+        &format!(
+            "detection: … sidecar sends → series on /metrics, gRPC + aggregator + poll (N={})",
+            send_to_seen.len()
+        ),
+        &send_to_seen,
         false,
     );
     row(
@@ -614,6 +645,24 @@ fn detection(
         &format!("detection: libvirt event Stopped → series gone (N={n})"),
         &stop_event,
         true,
+    );
+    row(
+        table,
+        &format!(
+            "detection: … Stopped → sidecar sends the withdrawal (N={})",
+            stop_to_send.len()
+        ),
+        &stop_to_send,
+        false,
+    );
+    row(
+        table,
+        &format!(
+            "detection: … sidecar sends → series gone from /metrics (N={})",
+            send_to_gone.len()
+        ),
+        &send_to_gone,
+        false,
     );
     row(
         table,
@@ -634,6 +683,57 @@ fn detection(
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// When the sidecar's log says it sent each report: (domain, upsert?) → time of the first
+/// "reporting" (upsert) or "withdrawing" line naming the domain.
+fn sidecar_sends(log: &str) -> HashMap<(String, bool), SystemTime> {
+    let mut sends = HashMap::new();
+    for line in log.lines() {
+        let mut tokens = line.split_whitespace();
+        let Some(at) = tokens.next().and_then(parse_utc) else {
+            continue;
+        };
+        let tokens: Vec<&str> = tokens.collect();
+        let upsert = if tokens.contains(&"reporting") {
+            true
+        } else if tokens.contains(&"withdrawing") {
+            false
+        } else {
+            continue;
+        };
+        if let Some(domain) = tokens.iter().find_map(|t| t.strip_prefix("domain=")) {
+            sends.entry((domain.to_string(), upsert)).or_insert(at);
+        }
+    }
+    sends
+}
+
+/// `2026-11-22T00:25:26.392541Z` (tracing's timestamps) as a time.
+fn parse_utc(timestamp: &str) -> Option<SystemTime> {
+    let (date, time) = timestamp.strip_suffix('Z')?.split_once('T')?;
+    let mut date = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    let mut hms = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (hour, minute, second) = (hms.next()??, hms.next()??, hms.next()??);
+    let nanos: u32 = format!("{fraction:0<9}").get(..9)?.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second;
+    Some(UNIX_EPOCH + Duration::new(u64::try_from(seconds).ok()?, nanos))
+}
+
+fn signed_wall_ms(later: SystemTime, earlier: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(d) => millis(d),
+        Err(e) => -millis(e.duration()),
+    }
 }
 
 /// `later - earlier` in milliseconds, negative when `later` came first.
@@ -1321,6 +1421,29 @@ kubevirt_vmi_hypervisor_info{namespace=\"bench\",name=\"vm-01\",node=\"n\",hyper
 kubevirt_hypervisor_aggregator_streams_open 1\n";
         assert_eq!(vmi_names(body), BTreeSet::from(["vm-01".to_string()]));
         assert_eq!(info_lines(body), 1);
+    }
+
+    #[test]
+    fn reads_the_sidecars_send_times() {
+        assert_eq!(
+            parse_utc("1970-01-02T00:00:01.5Z"),
+            Some(UNIX_EPOCH + Duration::from_millis(86_401_500))
+        );
+        // date -u -d 2026-11-22T00:25:26Z +%s
+        assert_eq!(
+            parse_utc("2026-11-22T00:25:26.392541Z"),
+            Some(UNIX_EPOCH + Duration::new(1_795_307_126, 392_541_000))
+        );
+        assert_eq!(parse_utc("yesterday"), None);
+        let log = "2026-11-22T00:25:26.000001Z  INFO launcher_sidecar::report: reporting domain=bench_vm-01 hypervisor=qemu-tcg paused=false\n\
+                   2026-11-22T00:25:27.000001Z  INFO launcher_sidecar::report: withdrawing domain=bench_vm-01\n\
+                   2026-11-22T00:25:28.000001Z  INFO launcher_sidecar::report: reporting domain=bench_vm-01 hypervisor=qemu-tcg paused=false\n";
+        let sends = sidecar_sends(log);
+        assert_eq!(sends.len(), 2);
+        assert_eq!(
+            sends[&("bench_vm-01".to_string(), true)],
+            parse_utc("2026-11-22T00:25:26.000001Z").unwrap()
+        );
     }
 
     #[test]
