@@ -88,16 +88,23 @@ impl Exposition {
              qemu-tcg (QEMU software emulation), mshv (Microsoft Hypervisor) or unknown. \
              Always 1, one series per running VMI.",
         );
+        // The hot loop of a scrape: appended piece by piece, which costs a fraction of
+        // `write!` formatting at 10,000 series.
+        out.reserve(snapshot.series_count() * 160);
         for claim in snapshot.series() {
             let domain = &claim.domain;
-            let _ = writeln!(
-                out,
-                "{INFO}{{namespace=\"{}\",name=\"{}\",node=\"{node}\",hypervisor_type=\"{}\",hypervisor_version=\"{}\"}} 1",
-                escape(&domain.namespace),
-                escape(&domain.name),
-                claim.hypervisor_type().label(),
-                escape(&domain.hypervisor_version),
-            );
+            out.push_str(INFO);
+            out.push_str("{namespace=\"");
+            push_escaped(out, &domain.namespace);
+            out.push_str("\",name=\"");
+            push_escaped(out, &domain.name);
+            out.push_str("\",node=\"");
+            out.push_str(&node);
+            out.push_str("\",hypervisor_type=\"");
+            out.push_str(claim.hypervisor_type().label());
+            out.push_str("\",hypervisor_version=\"");
+            push_escaped(out, &domain.hypervisor_version);
+            out.push_str("\"} 1\n");
         }
 
         gauge(
@@ -173,15 +180,27 @@ fn gauge(out: &mut String, suffix: &str, help: &str, value: usize) {
 }
 
 /// Escapes a label value for the text format.
-fn escape(value: &str) -> std::borrow::Cow<'_, str> {
-    if !value.contains(['\\', '"', '\n']) {
-        return value.into();
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    push_escaped(&mut out, value);
+    out
+}
+
+/// Appends a label value escaped for the text format.
+fn push_escaped(out: &mut String, value: &str) {
+    // Validated values never need escaping; checking bytes keeps that case a plain copy.
+    if !value.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(value);
+        return;
     }
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-        .into()
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
 }
 
 /// A client gets this long for its TLS handshake and for its request headers,

@@ -125,6 +125,11 @@ impl Snapshot<'_> {
         self.state.vmis.values().filter_map(|claims| claims.first())
     }
 
+    /// How many series [`Snapshot::series`] yields.
+    pub fn series_count(&self) -> usize {
+        self.state.vmis.len()
+    }
+
     pub fn open_streams(&self) -> usize {
         self.state.streams.len()
     }

@@ -43,16 +43,14 @@ pub fn domain(namespace: &str, name: &str, hypervisor: HypervisorType, index: us
     }
 }
 
-/// The aggregator's gRPC address with the sidecar's connection settings: HTTP/2 pings
-/// every 10 s, also while idle, so that an idle aggregator sees what a node's sidecars send.
+/// The aggregator's gRPC address with the sidecar's connection settings (no HTTP/2 pings
+/// of its own, TCP keepalive), so that an idle aggregator sees what a node's sidecars send.
 pub fn endpoint(grpc_addr: &str) -> Result<Endpoint> {
     Ok(Endpoint::from_shared(format!("http://{grpc_addr}"))
         .with_context(|| format!("parsing {grpc_addr}"))?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true))
+        .tcp_keepalive(Some(Duration::from_secs(10))))
 }
 
 /// How the streams share connections.
