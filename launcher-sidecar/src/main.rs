@@ -66,6 +66,10 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
 
+    // Handled from here on, so that a stop is always a clean withdrawal and exit 0.
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+
     let (libvirt_tx, libvirt_rx) = watch::channel(None);
     let (defined_tx, defined_rx) = watch::channel(Domains::new());
     // Set by SIGTERM, SIGINT or the Shutdown hook.
@@ -94,8 +98,6 @@ async fn main() -> anyhow::Result<()> {
     }
     .spawn(libvirt_tx)?;
 
-    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
     tokio::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => info!("SIGTERM: withdrawing and exiting"),
