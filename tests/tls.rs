@@ -21,30 +21,22 @@ fn issue(dir: &Path, ca_name: &str) -> Result<()> {
         Ok(())
     };
     let subject = format!("/CN={ca_name}");
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        &subject,
+    // A P-256 key and, with `args`, either a self-signed CA or a signing request.
+    let new_key = |args: &[&str]| {
+        let key = [
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        run(&[&key[..], args].concat())
+    };
+    new_key(&[
+        "-x509", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", &subject,
     ])?;
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+    new_key(&[
         "-keyout",
         "new.key",
         "-out",

@@ -64,10 +64,12 @@ impl Sources {
 
     /// The domains to report now; the live domain wins over the hook's description.
     fn current(&mut self) -> Domains {
-        let hook = self.hook.borrow_and_update().clone();
+        // Both are marked seen, so that a change of the unused one wakes nobody again.
+        let hook = self.hook.borrow_and_update();
         if let Some(live) = &*self.libvirt.borrow_and_update() {
             return live.clone();
         }
+        let hook = hook.clone();
         if !hook.is_empty() && !self.hook_mode_logged {
             self.hook_mode_logged = true;
             warn!(

@@ -180,11 +180,7 @@ fn run() -> Result<()> {
         nofile >= 12_000 || !config.runs(Part::Aggregator),
         "RLIMIT_NOFILE can only be raised to {nofile}; 10,000 connections need 12,000"
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("building the load client's runtime")?;
+    let runtime = load_client_runtime()?;
     // Drops of gRPC handles on this thread find the runtime too.
     let _entered = runtime.enter();
     let mut table = Table::default();
@@ -296,11 +292,7 @@ fn hold(args: &[String]) -> Result<()> {
         other => bail!("layout {other:?}: expected shared or own"),
     };
     procfs::raise_nofile(65_536)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("building the load client's runtime")?;
+    let runtime = load_client_runtime()?;
     let _entered = runtime.enter();
     let streams = runtime.block_on(load::open_streams(addr, count, layout))?;
     eprintln!(
@@ -1408,6 +1400,15 @@ fn churn(runtime: &tokio::runtime::Runtime, config: &Config, table: &mut Table) 
         );
     }
     Ok(())
+}
+
+/// The load client's runtime: two workers, like the machine's two cores.
+fn load_client_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the load client's runtime")
 }
 
 #[cfg(test)]
