@@ -199,6 +199,39 @@ fn a_guest_started_paused_is_reported_only_once_it_runs() -> Result<()> {
 }
 
 #[test]
+fn a_guest_redefined_while_shut_off_is_reported_with_its_new_hypervisor() -> Result<()> {
+    if let Some(reason) = kvm_unusable_reason() {
+        eprintln!("SKIPPED: the redefinition switches a guest from TCG to KVM: {reason}");
+        return Ok(());
+    }
+    let daemon = LibvirtDaemon::start()?;
+    let aggregator = Aggregator::start("node-1")?;
+    let sidecar = Sidecar::start(&daemon.uri(), &aggregator.grpc_url(), &[])?;
+    daemon.start_guest("default_vm-a", GuestKind::Tcg, false)?;
+    aggregator.wait_for_names(&["vm-a"], APPEAR)?;
+    assert_eq!(aggregator.series()?[0]["hypervisor_type"], "qemu-tcg");
+    daemon.destroy_guest("default_vm-a")?;
+    aggregator.wait_for_names(&[], APPEAR)?;
+
+    // The sidecar reports a start from what it read of the domain before; a redefinition
+    // must replace that, or the start would first be reported with the old hypervisor.
+    daemon.start_guest("default_vm-a", GuestKind::Kvm, false)?;
+    aggregator.wait_for_names(&["vm-a"], APPEAR)?;
+    assert_eq!(aggregator.series()?[0]["hypervisor_type"], "kvm");
+    let upserts = aggregator.metric(
+        "kubevirt_hypervisor_aggregator_reports_total",
+        &[("action", "upsert")],
+    )?;
+    assert_eq!(
+        upserts,
+        Some(2.0),
+        "one upsert per start, none correcting a wrong one\n{}",
+        sidecar.log()
+    );
+    Ok(())
+}
+
+#[test]
 fn prometheus_promtool_and_grpcurl_read_the_aggregator() -> Result<()> {
     let daemon = LibvirtDaemon::start()?;
     let aggregator = Aggregator::start("node-1")?;

@@ -1,12 +1,16 @@
 //! Follows the domains of the local libvirt daemon on a thread of its own.
 //!
 //! Lifecycle events drive it; a full resync after every (re)connect and every
-//! [`Watcher::resync`] is the safety net. The result is one value, the set of
-//! domains to report, published on a `watch` channel that the report side reads.
+//! [`Watcher::resync`] is the safety net. An event only says which domain to look
+//! at, with one exception for speed: a domain that resumes is reported at once from
+//! what its XML said before (a domain's type does not change when it starts),
+//! because reading it now would wait for libvirt's start job to end; the live state
+//! and XML read right after confirm or correct that. The result is one value, the
+//! set of domains to report, published on a `watch` channel that the report side reads.
 //! Losing the daemon changes nothing in that set: the VM runs on without it, and
 //! the next sync after reconnecting corrects whatever changed meanwhile.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{CStr, c_int, c_void};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -84,6 +88,7 @@ impl Watcher {
             only_domain: self.only_domain.clone(),
             first_sync: true,
             ignored: HashSet::new(),
+            described: HashMap::new(),
         };
         loop {
             let (conn, uri) = self.connect();
@@ -135,6 +140,11 @@ impl Watcher {
 #[derive(Default)]
 struct Pending {
     changed: BTreeSet<String>,
+    /// Had a `Defined` event: what was known of their XML is out of date, also for a
+    /// `Resumed` event that arrived with it.
+    redefined: BTreeSet<String>,
+    /// Had a `Resumed` event: their CPUs run now.
+    resumed: BTreeSet<String>,
     closed: Option<&'static str>,
 }
 
@@ -153,10 +163,21 @@ fn follow(conn: &Connect, tracker: &mut Tracker, resync: Duration) -> anyhow::Re
     let mut last_sync = Instant::now();
     loop {
         virt::event::event_run_default_impl().context("running libvirt's event loop")?;
-        let Pending { changed, closed } = std::mem::take(&mut *lock(&pending));
+        let Pending {
+            changed,
+            redefined,
+            resumed,
+            closed,
+        } = std::mem::take(&mut *lock(&pending));
         if let Some(reason) = closed {
             drop(callbacks);
             return Ok(reason.to_string());
+        }
+        for name in &redefined {
+            tracker.described.remove(name);
+        }
+        for name in &resumed {
+            tracker.report_resumed(name);
         }
         for name in changed {
             tracker.sync_one(conn, &name, &version);
@@ -186,25 +207,32 @@ struct Tracker {
     first_sync: bool,
     /// Domain names that are not KubeVirt's, logged once each.
     ignored: HashSet<String>,
+    /// What each tracked domain's XML said when last read, live or as defined: enough
+    /// to report a start without waiting for libvirt calls that queue behind it.
+    described: HashMap<String, RunningDomain>,
 }
 
 impl Tracker {
     fn sync_all(&mut self, conn: &Connect, version: &str) -> anyhow::Result<()> {
-        let all = conn
-            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            .context("listing the active domains")?;
+        // Defined domains too: a domain defined before this connection can then be
+        // reported the moment it resumes, like one whose Defined event was seen.
+        let all = conn.list_all_domains(0).context("listing the domains")?;
         let reported = self.domains.borrow().clone().unwrap_or_default();
         let mut next = Domains::new();
+        let mut present = HashSet::new();
         for domain in &all {
             let Ok(name) = domain.name() else {
                 continue;
             };
-            if let Some(running) =
-                self.observe(domain, &name, reported.contains_key(&name), version)
-            {
-                next.insert(name, running);
+            match self.observe(domain, &name, reported.contains_key(&name), version) {
+                Some(running) => {
+                    next.insert(name.clone(), running);
+                }
+                None => self.describe_defined(domain, &name, version),
             }
+            present.insert(name);
         }
+        self.described.retain(|name, _| present.contains(name));
         self.first_sync = false;
         self.domains.send_if_modified(|domains| {
             let modified = domains.as_ref() != Some(&next);
@@ -220,15 +248,58 @@ impl Tracker {
             .borrow()
             .as_ref()
             .is_some_and(|domains| domains.contains_key(name));
-        let observed = match conn.lookup_domain_by_name(name) {
-            Ok(domain) => self.observe(&domain, name, reported, version),
-            Err(err) if err.code() == virt::enumutil::Enum::Known(ErrorNumber::NoDomain) => None,
+        let domain = match conn.lookup_domain_by_name(name) {
+            Ok(domain) => domain,
+            Err(err) if err.code() == virt::enumutil::Enum::Known(ErrorNumber::NoDomain) => {
+                self.described.remove(name);
+                self.publish(name, None);
+                return;
+            }
             Err(err) => {
                 // The next full sync settles it; a failed call says nothing about the domain.
                 debug!(domain = name, err = %err.message(), "cannot look up domain after an event");
                 return;
             }
         };
+        let observed = self.observe(&domain, name, reported, version);
+        let running = observed.is_some();
+        self.publish(name, observed);
+        // After publishing: a withdrawal waits for no further call.
+        if !running {
+            self.describe_defined(&domain, name, version);
+        }
+    }
+
+    /// Reports a domain that had a `Resumed` event from its last description, if any.
+    fn report_resumed(&mut self, name: &str) {
+        if let Some(described) = self.described.get(name) {
+            let running = RunningDomain {
+                paused: false,
+                ..described.clone()
+            };
+            self.publish(name, Some(running));
+        }
+    }
+
+    /// Reads the XML of a tracked domain that does not run, as defined: read again at
+    /// every look, because a domain can be redefined while it is shut off.
+    fn describe_defined(&mut self, domain: &Domain, name: &str, version: &str) {
+        let Some(vmi) = self.tracked(name) else {
+            return;
+        };
+        match domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE) {
+            Ok(xml) => {
+                let described = describe(vmi, &xml, version, false);
+                self.described.insert(name.to_string(), described);
+            }
+            // Only the shortcut is lost: its start is reported once the live XML is read.
+            Err(err) => {
+                debug!(domain = name, err = %err.message(), "cannot read the defined domain XML")
+            }
+        }
+    }
+
+    fn publish(&self, name: &str, observed: Option<RunningDomain>) {
         self.domains.send_if_modified(|domains| {
             let domains = domains.get_or_insert_default();
             match observed {
@@ -236,6 +307,21 @@ impl Tracker {
                 None => domains.remove(name).is_some(),
             }
         });
+    }
+
+    /// The VMI of a domain this sidecar reports, or None for any other domain.
+    fn tracked(&mut self, name: &str) -> Option<VmiName> {
+        if self.only_domain.as_deref().is_some_and(|only| only != name) {
+            return None;
+        }
+        let vmi = VmiName::from_domain_name(name);
+        if vmi.is_none() && self.ignored.insert(name.to_string()) {
+            warn!(
+                domain = name,
+                "not a KubeVirt domain name (<namespace>_<name>); not reported"
+            );
+        }
+        vmi
     }
 
     /// What to report for one domain, or None when it is not to be reported.
@@ -246,18 +332,7 @@ impl Tracker {
         reported: bool,
         version: &str,
     ) -> Option<RunningDomain> {
-        if self.only_domain.as_deref().is_some_and(|only| only != name) {
-            return None;
-        }
-        let Some(vmi) = VmiName::from_domain_name(name) else {
-            if self.ignored.insert(name.to_string()) {
-                warn!(
-                    domain = name,
-                    "not a KubeVirt domain name (<namespace>_<name>); not reported"
-                );
-            }
-            return None;
-        };
+        let vmi = self.tracked(name)?;
         let (state, reason) = domain.state().ok()?;
         let paused = match state.unwrap_or(DomainState::NoState) {
             DomainState::Running | DomainState::Blocked | DomainState::Shutdown => false,
@@ -276,14 +351,20 @@ impl Tracker {
                 String::new()
             }
         };
-        let classified = classify_domain_xml(&xml);
-        Some(RunningDomain {
-            vmi,
-            uid: classified.uid,
-            hypervisor: classified.hypervisor,
-            hypervisor_version: version.to_string(),
-            paused,
-        })
+        let running = describe(vmi, &xml, version, paused);
+        self.described.insert(name.to_string(), running.clone());
+        Some(running)
+    }
+}
+
+fn describe(vmi: VmiName, xml: &str, version: &str, paused: bool) -> RunningDomain {
+    let classified = classify_domain_xml(xml);
+    RunningDomain {
+        vmi,
+        uid: classified.uid,
+        hypervisor: classified.hypervisor,
+        hypervisor_version: version.to_string(),
+        paused,
     }
 }
 
@@ -373,7 +454,7 @@ impl Drop for Callbacks<'_> {
 unsafe extern "C" fn on_lifecycle(
     _conn: sys::virConnectPtr,
     domain: sys::virDomainPtr,
-    _event: c_int,
+    event: c_int,
     _detail: c_int,
     opaque: *mut c_void,
 ) -> c_int {
@@ -385,11 +466,17 @@ unsafe extern "C" fn on_lifecycle(
     };
     if !name.is_null() {
         // The state is read again when the event is handled, so the event itself
-        // only says which domain to look at.
+        // only says which domain to look at (and, for a resume, what to report meanwhile).
         let name = unsafe { CStr::from_ptr(name) }
             .to_string_lossy()
             .into_owned();
-        lock(pending).changed.insert(name);
+        let mut pending = lock(pending);
+        match u32::try_from(event) {
+            Ok(sys::VIR_DOMAIN_EVENT_DEFINED) => pending.redefined.insert(name.clone()),
+            Ok(sys::VIR_DOMAIN_EVENT_RESUMED) => pending.resumed.insert(name.clone()),
+            _ => false,
+        };
+        pending.changed.insert(name);
     }
     0
 }
