@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Served by the aggregator's reflection service, so grpcurl needs no .proto files.
         .file_descriptor_set_path(out.join("hypervisor_descriptor.bin"))
+        // The aggregator holds a call's buffers for every open report stream.
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_protos(&["kubevirt/hypervisor/v1/hypervisor.proto"], &["."])?;
     tonic_prost_build::configure()
         // The domain XML goes back exactly as it came, without a copy.

@@ -1,12 +1,15 @@
 //! The protocols of this project, generated from `proto/`:
 //! - `v1`: `kubevirt.hypervisor.v1`, between launcher-sidecar and node-aggregator, plus
-//!   the values of the `hypervisor_type` label, so both ends agree on them;
+//!   the values of the `hypervisor_type` label, so both ends agree on them; its calls
+//!   use [`codec::SmallBufferCodec`];
 //! - `hooks`: KubeVirt's hook sidecar API, which virt-launcher calls.
 
 #![allow(clippy::derive_partial_eq_without_eq)]
 
 /// The buffer type of the hooks' `bytes` fields.
 pub use prost::bytes as prost_bytes;
+
+pub mod codec;
 
 pub mod v1 {
     tonic::include_proto!("kubevirt.hypervisor.v1");
