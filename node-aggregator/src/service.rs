@@ -1,22 +1,20 @@
 //! `HypervisorReporter/Report`: the sidecars' streams into the registry.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::stream;
 use hypervisor_proto::v1::hypervisor_reporter_server::HypervisorReporter;
 use hypervisor_proto::v1::{DomainReport, ReportAck, domain_report::Change};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::registry::{Limit, Registry, StreamHandle, VmiKey};
+use crate::registry::{Limit, Registry, StreamHandle, StreamId, VmiKey};
 use crate::validate::Rejection;
-
-/// Acks in flight per stream before the aggregator stops reading that stream.
-const ACK_BUFFER: usize = 16;
 
 pub struct ReportService {
     registry: Arc<Registry>,
@@ -68,31 +66,53 @@ impl HypervisorReporter for ReportService {
             warn!(%peer, "report stream refused: {full}");
             Status::resource_exhausted(full.to_string())
         })?;
-        let (acks, ack_stream) = mpsc::channel(ACK_BUFFER);
         info!(stream = stream.id(), %peer, "report stream opened");
-        let budget = RateBudget::new(self.reports_per_second);
-        let trim = Arc::clone(&self.trim);
-        tokio::spawn(async move {
-            serve_stream(stream, peer, request.into_inner(), budget, acks).await;
-            trim.notify_one();
+        let served = ServedStream {
+            reports: request.into_inner(),
+            budget: RateBudget::new(self.reports_per_second),
+            ending: Ending {
+                stream: stream.id(),
+                peer,
+                failure: Some("the stream was reset or its connection lost".into()),
+                trim: Arc::clone(&self.trim),
+            },
+            stream,
+        };
+        // Each report is read and applied when tonic asks for the next ack, in the task
+        // that sends the acks: a sidecar that stops reading acks fills its flow-control
+        // window, and then its reports are not read either.
+        let acks = stream::unfold(Some(served), |served| async move {
+            let mut served = served?;
+            let ack = served.next_ack().await?;
+            // After an error nothing more of the stream can be trusted: it ends here.
+            let next = ack.is_ok().then_some(served);
+            Some((ack, next))
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(ack_stream))))
+        Ok(Response::new(Box::pin(acks)))
     }
 }
 
-/// Applies one stream's reports until it ends. The stream's series live exactly
-/// as long as this task holds `stream`.
-async fn serve_stream(
+/// One stream's reports, applied one at a time. The stream's series live exactly as
+/// long as this holds `stream`: until the sidecar ends the stream, the stream fails,
+/// or tonic drops the acks (the stream was reset or its connection lost).
+struct ServedStream {
     stream: StreamHandle,
-    peer: String,
-    mut reports: Streaming<DomainReport>,
-    mut budget: RateBudget,
-    acks: mpsc::Sender<Result<ReportAck, Status>>,
-) {
-    let failure = loop {
-        let report = match reports.message().await {
+    reports: Streaming<DomainReport>,
+    budget: RateBudget,
+    /// Declared after `stream`, and fields drop in order: the series are gone when it logs.
+    ending: Ending,
+}
+
+impl ServedStream {
+    /// Reads and applies the next report; `None` once the sidecar has ended the stream.
+    async fn next_ack(&mut self) -> Option<Result<ReportAck, Status>> {
+        let stream = &self.stream;
+        let report = match self.reports.message().await {
             Ok(Some(report)) => report,
-            Ok(None) => break None,
+            Ok(None) => {
+                self.ending.failure = None;
+                return None;
+            }
             Err(status) => {
                 // Undecodable bytes or a broken connection: nothing more of this stream can be trusted.
                 let status = match status.code() {
@@ -111,32 +131,47 @@ async fn serve_stream(
                     }
                     _ => status,
                 };
-                let failure = format!("{}: {}", status.code(), status.message());
-                let _ = acks.send(Err(status)).await;
-                break Some(failure);
+                self.ending.failure =
+                    Some(format!("{}: {}", status.code(), status.message()).into());
+                return Some(Err(status));
             }
         };
-        let ack = if budget.take() {
-            apply(&stream, report)
+        let ack = if self.budget.take() {
+            apply(stream, report)
         } else {
             stream.count_rejection(Rejection::RateLimited);
             stream.count_limit_hit(Limit::ReportsPerSecond);
             rejected(report.sequence, Rejection::RateLimited)
         };
         if ack.code != Code::Ok as i32 {
+            let peer = &self.ending.peer;
             debug!(stream = stream.id(), %peer, reason = %ack.message, "report rejected");
         }
-        if acks.send(Ok(ack)).await.is_err() {
-            break Some("the sidecar stopped reading acks".to_string());
+        Some(Ok(ack))
+    }
+}
+
+/// Logs how a stream ended, once its series are gone, and has its memory trimmed.
+struct Ending {
+    stream: StreamId,
+    peer: String,
+    /// Why the stream failed; `None` once the sidecar has ended it. Starts as what
+    /// dropping a stream still open means: tonic drops the acks of a stream that was
+    /// reset or whose connection was lost.
+    failure: Option<Cow<'static, str>>,
+    trim: Arc<Notify>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let (id, peer) = (self.stream, &self.peer);
+        match &self.failure {
+            None => info!(stream = id, %peer, "report stream closed; its series are gone"),
+            Some(reason) => {
+                warn!(stream = id, %peer, %reason, "report stream failed; its series are gone")
+            }
         }
-    };
-    let id = stream.id();
-    drop(stream);
-    match failure {
-        None => info!(stream = id, %peer, "report stream closed; its series are gone"),
-        Some(reason) => {
-            warn!(stream = id, %peer, %reason, "report stream failed; its series are gone")
-        }
+        self.trim.notify_one();
     }
 }
 
