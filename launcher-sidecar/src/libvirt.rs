@@ -159,6 +159,8 @@ fn follow(conn: &Connect, tracker: &mut Tracker, resync: Duration) -> anyhow::Re
     }
     let version = conn.hyp_version().map(format_version).unwrap_or_default();
 
+    // Whatever was redefined while no connection was open went unseen.
+    tracker.described.clear();
     tracker.sync_all(conn, &version)?;
     let mut last_sync = Instant::now();
     loop {
@@ -214,13 +216,19 @@ struct Tracker {
 
 impl Tracker {
     fn sync_all(&mut self, conn: &Connect, version: &str) -> anyhow::Result<()> {
-        // Defined domains too: a domain defined before this connection can then be
-        // reported the moment it resumes, like one whose Defined event was seen.
-        let all = conn.list_all_domains(0).context("listing the domains")?;
+        let active = conn
+            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .context("listing the active domains")?;
+        // Defined domains too, so that one defined while this sidecar was not looking
+        // is reported the moment it resumes. Those already described were read at
+        // their last event: a redefinition is an event.
+        let inactive = conn
+            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+            .context("listing the defined domains")?;
         let reported = self.domains.borrow().clone().unwrap_or_default();
         let mut next = Domains::new();
         let mut present = HashSet::new();
-        for domain in &all {
+        for domain in &active {
             let Ok(name) = domain.name() else {
                 continue;
             };
@@ -229,6 +237,15 @@ impl Tracker {
                     next.insert(name.clone(), running);
                 }
                 None => self.describe_defined(domain, &name, version),
+            }
+            present.insert(name);
+        }
+        for domain in &inactive {
+            let Ok(name) = domain.name() else {
+                continue;
+            };
+            if !self.described.contains_key(&name) {
+                self.describe_defined(domain, &name, version);
             }
             present.insert(name);
         }
@@ -281,8 +298,7 @@ impl Tracker {
         }
     }
 
-    /// Reads the XML of a tracked domain that does not run, as defined: read again at
-    /// every look, because a domain can be redefined while it is shut off.
+    /// Reads the XML of a tracked domain that does not run, as defined.
     fn describe_defined(&mut self, domain: &Domain, name: &str, version: &str) {
         let Some(vmi) = self.tracked(name) else {
             return;
