@@ -617,7 +617,7 @@ fn detection(
     row(
         table,
         &format!(
-            "detection: … Resumed → sidecar sends the upsert, its libvirt reads (N={})",
+            "detection: … Resumed → sidecar sends the upsert (N={})",
             start_to_send.len()
         ),
         &start_to_send,
