@@ -220,8 +220,7 @@ impl Tracker {
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
             .context("listing the active domains")?;
         // Defined domains too, so that one defined while this sidecar was not looking
-        // is reported the moment it resumes. Those already described were read at
-        // their last event: a redefinition is an event.
+        // is reported the moment it resumes.
         let inactive = conn
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)
             .context("listing the defined domains")?;
@@ -244,9 +243,7 @@ impl Tracker {
             let Ok(name) = domain.name() else {
                 continue;
             };
-            if !self.described.contains_key(&name) {
-                self.describe_defined(domain, &name, version);
-            }
+            self.describe_defined(domain, &name, version);
             present.insert(name);
         }
         self.described.retain(|name, _| present.contains(name));
@@ -298,8 +295,12 @@ impl Tracker {
         }
     }
 
-    /// Reads the XML of a tracked domain that does not run, as defined.
+    /// Reads the XML of a tracked domain that does not run, as defined, unless it is
+    /// described already: a redefinition is a `Defined` event, which drops the description.
     fn describe_defined(&mut self, domain: &Domain, name: &str, version: &str) {
+        if self.described.contains_key(name) {
+            return;
+        }
         let Some(vmi) = self.tracked(name) else {
             return;
         };
