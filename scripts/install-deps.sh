@@ -11,7 +11,6 @@ APT_PACKAGES=(
 	libvirt-dev
 	qemu-system-x86
 	prometheus
-	protobuf-compiler
 	pkg-config
 )
 

@@ -1956,17 +1956,31 @@ struct ImageSpec {
 const IMAGES: [ImageSpec; 2] = [
     ImageSpec {
         krate: "launcher-sidecar",
-        builder_packages: &["libvirt-dev", "protobuf-compiler", "pkg-config"],
+        builder_packages: &["libvirt-dev", "pkg-config"],
         runtime_base: "docker.io/library/debian:bookworm-slim",
         runtime_packages: &["libvirt0"],
     },
     ImageSpec {
         krate: "node-aggregator",
-        builder_packages: &["protobuf-compiler"],
+        builder_packages: &[],
         runtime_base: "gcr.io/distroless/cc-debian12",
         runtime_packages: &[],
     },
 ];
+
+/// The target triple rustc builds for by default, as the images' builder stage does.
+fn host_target() -> Result<String> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let mut cmd = Command::new(rustc);
+    cmd.args(["--print", "host-tuple"]);
+    let out = run_with_timeout(cmd, None, TOOL_TIMEOUT, "rustc --print host-tuple")?;
+    ensure!(
+        out.status.success(),
+        "rustc --print host-tuple: {}",
+        output_text(&out)
+    );
+    Ok(out.stdout.trim().to_string())
+}
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     if from.is_dir() {
@@ -2130,9 +2144,14 @@ fn containerfiles_build_each_binary_and_run_it_as_uid_107() -> Result<()> {
                 copy_tree(&from, &to)?;
             }
         }
+        // `--locked`: the copied Cargo.lock resolves the whole graph as `cargo build --locked`
+        // in the image needs it. Not `--offline`: a new machine's cargo cache holds only this
+        // platform's crates, so cargo may fetch from crates.io; the filter keeps that to the
+        // crates a Linux build of this architecture uses.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        cmd.args(["metadata", "--format-version", "1", "--locked"])
+            .args(["--filter-platform", &host_target()?])
             .current_dir(&build);
         let out = run_with_timeout(cmd, None, TOOL_TIMEOUT, "cargo metadata")?;
         ensure!(
