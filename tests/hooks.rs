@@ -190,7 +190,7 @@ fn virt_launcher_can_run_the_whole_hook_sequence_without_libvirt() -> Result<()>
     define(&pod.socket(), newest, xml.as_bytes(), &vmi)?;
     assert_eq!(aggregator.names()?, ["vm-hooked"]);
     assert!(
-        pod.sidecar.log().contains("no libvirt connection"),
+        pod.sidecar.log().contains("libvirt is out of reach"),
         "the sidecar says it runs from the hooks:\n{}",
         pod.sidecar.log()
     );

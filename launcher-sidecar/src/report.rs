@@ -24,22 +24,26 @@ use tonic::{Code, Streaming};
 use tower::service_fn;
 use tracing::{debug, info, warn};
 
-use crate::libvirt::{Domains, LibvirtDomains, RunningDomain};
+use crate::libvirt::{Domains, LibvirtView, RunningDomain};
 
-/// Where the domains to report come from: libvirt once it has been reached, and
-/// until then the domain the OnDefineDomain hook described.
+/// Where the domains to report come from: what runs, from libvirt; who each VMI is,
+/// from the OnDefineDomain hook; and only when libvirt is out of reach, the domain
+/// that the hook described.
 pub struct Sources {
-    libvirt: watch::Receiver<LibvirtDomains>,
+    libvirt: watch::Receiver<LibvirtView>,
     hook: watch::Receiver<Domains>,
     hook_mode_logged: bool,
+    /// Domains whose metadata names another uid than their VMI, logged once each.
+    uid_conflicts_logged: BTreeSet<String>,
 }
 
 impl Sources {
-    pub fn new(libvirt: watch::Receiver<LibvirtDomains>, hook: watch::Receiver<Domains>) -> Self {
+    pub fn new(libvirt: watch::Receiver<LibvirtView>, hook: watch::Receiver<Domains>) -> Self {
         Sources {
             libvirt,
             hook,
             hook_mode_logged: false,
+            uid_conflicts_logged: BTreeSet::new(),
         }
     }
 
@@ -62,22 +66,51 @@ impl Sources {
         }
     }
 
-    /// The domains to report now; the live domain wins over the hook's description.
+    /// The domains to report now. Nothing before libvirt's first sync, unless libvirt
+    /// is out of reach: a domain that is defined but not yet running is not reported.
     fn current(&mut self) -> Domains {
         // Both are marked seen, so that a change of the unused one wakes nobody again.
-        let hook = self.hook.borrow_and_update();
-        if let Some(live) = &*self.libvirt.borrow_and_update() {
-            return live.clone();
+        let hook = self.hook.borrow_and_update().clone();
+        let libvirt = self.libvirt.borrow_and_update().clone();
+        match libvirt {
+            LibvirtView::Synced(live) => self.with_vmi_uids(live, &hook),
+            LibvirtView::Unreachable(reason) => {
+                if !hook.is_empty() && !self.hook_mode_logged {
+                    self.hook_mode_logged = true;
+                    warn!(
+                        %reason,
+                        "libvirt is out of reach: reporting the domain from the OnDefineDomain \
+                         hook and withdrawing it on Shutdown (is the libvirt-runtime volume \
+                         mounted into this container?)"
+                    );
+                }
+                hook
+            }
+            LibvirtView::Pending => Domains::new(),
         }
-        let hook = hook.clone();
-        if !hook.is_empty() && !self.hook_mode_logged {
-            self.hook_mode_logged = true;
-            warn!(
-                "no libvirt connection: reporting the domain from the OnDefineDomain hook and \
-                 withdrawing it on Shutdown (is the libvirt-runtime volume mounted into this container?)"
-            );
+    }
+
+    /// The live domains with the uid of their VMI, which only the hook's VMI JSON has:
+    /// virt-launcher defines the domain with an empty `<uid>` in its metadata.
+    fn with_vmi_uids(&mut self, mut live: Domains, hook: &Domains) -> Domains {
+        for (name, running) in &mut live {
+            let Some(vmi_uid) = hook.get(name).and_then(|defined| defined.uid.as_ref()) else {
+                continue;
+            };
+            if let Some(metadata_uid) = &running.uid
+                && metadata_uid != vmi_uid
+                && self.uid_conflicts_logged.insert(name.clone())
+            {
+                warn!(
+                    domain = %name,
+                    %metadata_uid,
+                    %vmi_uid,
+                    "the domain's metadata names another uid than its VMI; reporting the VMI's"
+                );
+            }
+            running.uid = Some(vmi_uid.clone());
         }
-        hook
+        live
     }
 }
 
@@ -419,6 +452,72 @@ fn to_proto(domain_name: &str, running: &RunningDomain) -> Domain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classify::VmiName;
+    use hypervisor_proto::v1::HypervisorType;
+
+    fn domain(uid: Option<&str>, version: &str) -> RunningDomain {
+        RunningDomain {
+            vmi: VmiName {
+                namespace: "default".into(),
+                name: "vm-a".into(),
+            },
+            uid: uid.map(String::from),
+            hypervisor: HypervisorType::Kvm,
+            hypervisor_version: version.into(),
+            paused: false,
+        }
+    }
+
+    /// The hook's description of `default_vm-a`, as OnDefineDomain gives it.
+    fn defined() -> Domains {
+        Domains::from([("default_vm-a".into(), domain(Some("vmi-uid"), ""))])
+    }
+
+    #[test]
+    fn a_defined_domain_is_not_reported_while_libvirt_has_not_answered() {
+        let (_libvirt, libvirt_rx) = watch::channel(LibvirtView::Pending);
+        let (_hook, hook_rx) = watch::channel(defined());
+        let mut sources = Sources::new(libvirt_rx, hook_rx);
+        assert_eq!(sources.current(), Domains::new());
+    }
+
+    #[test]
+    fn libvirt_out_of_reach_falls_back_to_the_hook() {
+        let (_libvirt, libvirt_rx) =
+            watch::channel(LibvirtView::Unreachable("no such file".into()));
+        let (_hook, hook_rx) = watch::channel(defined());
+        let mut sources = Sources::new(libvirt_rx, hook_rx);
+        assert_eq!(sources.current(), defined());
+    }
+
+    #[test]
+    fn live_domains_carry_their_vmi_uid_from_the_hook() {
+        let live = Domains::from([
+            ("default_vm-a".into(), domain(None, "7.2.22")),
+            ("default_vm-b".into(), domain(None, "7.2.22")),
+        ]);
+        let (libvirt, libvirt_rx) = watch::channel(LibvirtView::Synced(live));
+        let (_hook, hook_rx) = watch::channel(defined());
+        let mut sources = Sources::new(libvirt_rx, hook_rx);
+        let current = sources.current();
+        assert_eq!(current["default_vm-a"], domain(Some("vmi-uid"), "7.2.22"));
+        // No hook call for it (a sidecar restarted mid-run): no uid, still reported.
+        assert_eq!(current["default_vm-b"], domain(None, "7.2.22"));
+
+        // The VMI is the authority on its uid.
+        libvirt.send_replace(LibvirtView::Synced(Domains::from([(
+            "default_vm-a".into(),
+            domain(Some("other-uid"), "7.2.22"),
+        )])));
+        assert_eq!(
+            sources.current()["default_vm-a"].uid.as_deref(),
+            Some("vmi-uid")
+        );
+
+        // Defined but not running: libvirt's word wins, the hook adds no domain.
+        libvirt.send_replace(LibvirtView::Synced(Domains::new()));
+        assert_eq!(sources.current(), Domains::new());
+    }
 
     #[test]
     fn aggregator_addresses() {
