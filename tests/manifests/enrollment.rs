@@ -96,41 +96,24 @@ fn namespace(name: &str, labels: Value) -> Value {
            "metadata": {"name": name, "labels": labels}})
 }
 
-/// The VirtualMachineInstance that virt-controller creates to start `vm`.
-///
-/// PENDING: this re-does in Rust what KubeVirt's `SetupVMIFromVM` and `startVMI`
-/// (pkg/virt-controller/watch/vm/vm.go) do: the template's metadata (annotations, labels) and
-/// spec, the VM's name and namespace, a controller owner reference, the VM controller's
-/// finalizer, the `kubevirt.io/vm-generation` annotation, a firmware UUID. It is to be replaced
-/// by the JSON that KubeVirt's own Go code prints, built through the shared mechanism for
-/// KubeVirt's Go programs (issue 10) once that is merged.
-fn vmi_from_vm(vm: &Value) -> Value {
-    let template = &vm["spec"]["template"];
-    let mut metadata = template["metadata"].clone();
-    if !metadata.is_object() {
-        metadata = json!({});
-    }
-    metadata["name"] = vm["metadata"]["name"].clone();
-    metadata["namespace"] = vm["metadata"]["namespace"].clone();
-    if !metadata["annotations"].is_object() {
-        metadata["annotations"] = json!({});
-    }
-    metadata["annotations"]["kubevirt.io/vm-generation"] = json!("1");
-    metadata["ownerReferences"] = json!([{
-        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-        "name": vm["metadata"]["name"], "uid": "6f0b6f3e-1d1c-4c4f-9a43-2b1e8d1d6a10",
-        "controller": true, "blockOwnerDeletion": true
-    }]);
-    metadata["finalizers"] = json!(["kubevirt.io/virtualMachineControllerFinalize"]);
-    let mut spec = template["spec"].clone();
-    spec["domain"]["firmware"] = json!({"uuid": "5a9fc181-957e-5c32-9e5a-2de5e9673531"});
-    json!({
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachineInstance",
-        "metadata": metadata,
-        "spec": spec,
-        "status": {"virtualMachineRevisionName": "revision-start-vm-6f0b6f3e-1d1c-4c4f-9a43-2b1e8d1d6a10-1"}
-    })
+/// The VirtualMachineInstance that virt-controller creates to start `vm`, printed by
+/// KubeVirt's own code (tests/kubevirt/cmd/kvhm-vmi-from-vm: `SetupVMIFromVM` and what the
+/// VM controller adds before it creates the VMI). `vm` gets the uid and generation the API
+/// server would have given it.
+fn vmi_from_vm(vm: &Value) -> Result<Value> {
+    let programs = e2e::kubevirt::go_programs(&["kvhm-vmi-from-vm"])?;
+    let mut vm = vm.clone();
+    vm["metadata"]["uid"] = json!("6f0b6f3e-1d1c-4c4f-9a43-2b1e8d1d6a10");
+    vm["metadata"]["generation"] = json!(1);
+    let cmd = Command::new(programs.path("kvhm-vmi-from-vm"));
+    let input = serde_json::to_vec(&vm)?;
+    let out = run_with_timeout(cmd, Some(&input), TOOL_TIMEOUT, "kvhm-vmi-from-vm")?;
+    ensure!(
+        out.status.success(),
+        "kvhm-vmi-from-vm: {}",
+        output_text(&out)
+    );
+    serde_json::from_str(&out.stdout).context("kvhm-vmi-from-vm printed no JSON")
 }
 
 /// The examples' VMI and VM, without the hand-written annotation.
@@ -235,17 +218,20 @@ fn kubevirt_defines_what_the_enrollment_relies_on() -> Result<()> {
         kubevirt_file(FEATURE_GATES)?.contains("slices.Contains(devConfig.FeatureGates, gate)"),
         "KubeVirt no longer reads gates from developerConfiguration.featureGates"
     );
-    // The VMI of a VM carries the template's metadata (what vmi_from_vm re-does).
+    // kvhm-vmi-from-vm runs SetupVMIFromVM itself, but re-does these steps of the VM
+    // controller's startVMI, a method that needs a running controller.
     let controller = kubevirt_file(VM_CONTROLLER)?;
     for needle in [
-        "vmi.ObjectMeta = *vm.Spec.Template.ObjectMeta.DeepCopy()",
-        "vmi.ObjectMeta.Labels = vm.Spec.Template.ObjectMeta.Labels",
+        "vmi := SetupVMIFromVM(vm)",
         "setGenerationAnnotationOnVmi(vm.Generation, vmi)",
         "vmi.Finalizers = append(vmi.Finalizers, virtv1.VirtualMachineControllerFinalizer)",
+        "AutoAttachInputDevice(vmi)",
+        "netvmispec.SetDefaultNetworkInterface(c.clusterConfig, &vmi.Spec)",
     ] {
         ensure!(
             controller.contains(needle),
-            "virt-controller's VM -> VMI code changed ({needle:?} is gone): check vmi_from_vm"
+            "virt-controller's startVMI changed ({needle:?} is gone): \
+             check tests/kubevirt/cmd/kvhm-vmi-from-vm"
         );
     }
     // kubevirt_vmi_info, which the coverage rules join on: its labels and its phase values.
@@ -352,7 +338,7 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
     let ours = json!({"image": image, "args": ["--aggregator", aggregator]});
     let keys = hook_sidecar_keys()?;
     let (vmi, vm) = unannotated_examples()?;
-    let from_vm = vmi_from_vm(&vm);
+    let from_vm = vmi_from_vm(&vm)?;
     let gate_on = kubevirt_cr(&["Sidecar", "Snapshot"])?;
     let default_ns = namespace("default", json!({"kubernetes.io/metadata.name": "default"}));
     let other = json!({"image": "quay.io/acme/smbios-sidecar:1.2", "imagePullPolicy": "IfNotPresent",
@@ -471,7 +457,7 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
         ),
         (
             "a VMI labelled enroll=false (from its VM's template)",
-            vmi_from_vm(&with_template_label(&vm, "false")),
+            vmi_from_vm(&with_template_label(&vm, "false"))?,
             default_ns.clone(),
             gate_on.clone(),
             Expect::Skipped("policy objectSelector"),
@@ -511,7 +497,7 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
     ];
     check_enrollment(&policy, &binding, &cases, &ours, &keys)?;
     eprintln!(
-        "enrollment policy: {} VMIs evaluated (KubeVirt-shaped; Go-produced VMIs pending)",
+        "enrollment policy: {} VMIs evaluated (by hand and from virt-controller's own code)",
         cases.len()
     );
     Ok(())
@@ -635,7 +621,7 @@ fn the_opt_in_component_enrolls_only_what_is_labelled() -> Result<()> {
     let aggregator = variable(policy, "aggregator")?;
     let ours = json!({"image": image, "args": ["--aggregator", aggregator]});
     let (_, vm) = unannotated_examples()?;
-    let from_vm = vmi_from_vm(&vm);
+    let from_vm = vmi_from_vm(&vm)?;
     let gate_on = kubevirt_cr(&["Sidecar"])?;
     let plain_ns = namespace("default", json!({"kubernetes.io/metadata.name": "default"}));
     let opted_in_ns = namespace("team-a", json!({ENROLL_LABEL: "true"}));
@@ -649,7 +635,7 @@ fn the_opt_in_component_enrolls_only_what_is_labelled() -> Result<()> {
         ),
         (
             "a VMI labelled enroll=true (from its VM's template)",
-            vmi_from_vm(&with_template_label(&vm, "true")),
+            vmi_from_vm(&with_template_label(&vm, "true"))?,
             plain_ns.clone(),
             gate_on.clone(),
             Expect::Enrolled(vec![]),
