@@ -565,8 +565,10 @@ fn a_guest_that_powers_itself_off_is_withdrawn_and_the_sidecar_exits() -> Result
         true,
     )?;
 
-    let stopped = pod.wait_libvirt("stopped", start.running, LIBVIRT_EVENT)?;
-    let latency = node.assert_reported_once_running(&pod, &start, stopped)?;
+    // The guest's own shutdown: libvirt's `shutdown` event, then QEMU exits (`stopped`).
+    let shutting_down = pod.wait_libvirt("shutdown", start.running, LIBVIRT_EVENT)?;
+    pod.wait_libvirt("stopped", shutting_down, LIBVIRT_EVENT)?;
+    let latency = node.assert_reported_once_running(&pod, &start, shutting_down)?;
     note(
         scenario,
         format!("domain running → series on /metrics: {latency:.0?}"),
