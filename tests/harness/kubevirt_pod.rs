@@ -10,8 +10,9 @@
 //! `v/ephemeral-disks`, `v/hook-sidecar-sockets`, …), what the compute container's image
 //! adds to the machine's files (`c/`), host disks (`disks/`), the handler's own directory and
 //! the logs. Each container runs in its own mount and PID namespaces (`unshare`), built by a
-//! shell script the harness writes into the pod directory (`compute.sh`, `hook-sidecar-0.sh`,
-//! kept for anyone who wants to look at or rerun a failed pod):
+//! shell script the harness writes into the pod directory (`compute.sh`, `hook-sidecar-0.sh`;
+//! the tails of the containers' logs are in every error message, since the directory goes
+//! with the pod):
 //!
 //! - `compute`: a tmpfs on /run with the volumes bound where KubeVirt mounts them; its own
 //!   /dev with /dev/kvm only when the pod gets it (KubeVirt's device plugin); /etc/libvirt

@@ -1,5 +1,5 @@
 // kvhm-handler plays virt-handler's part for one virt-launcher pod in the project's tests
-// (tests/harness/kubevirt.rs), with KubeVirt's own code wherever virt-handler uses it:
+// (tests/harness/kubevirt_pod.rs), with KubeVirt's own code wherever virt-handler uses it:
 //
 //   - it serves virt-handler's domain notify server (pkg/virt-handler/notify-server) and the
 //     pipe that virt-handler injects into the pod (domain-notify-pipe.sock, proxied with
@@ -98,6 +98,8 @@ func main() {
 		fmt.Fprintf(os.Stderr, "kvhm-handler: --kubevirt-config: %v\n", err)
 		os.Exit(2)
 	}
+	// KubeVirt's own ClusterConfig over a KubeVirt CR held in memory: the same getters and
+	// defaults as virt-handler's and virt-api's, with no API server to watch.
 	clusterConfig, _, _ := testutils.NewFakeClusterConfigUsingKVConfig(config)
 
 	h := &handler{
@@ -140,7 +142,7 @@ func (h *handler) serveNotify(handlerDir, notifyPipe string, nonRoot bool) error
 	go h.forwardDomainEvents(events)
 	go h.forwardK8sEvents(recorder.Events)
 
-	// A pipe left by an earlier handler of the same pod (the test restarted it).
+	// A stale pipe from an earlier handler of the same pod directory.
 	if err := os.Remove(notifyPipe); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing the stale notify pipe %s: %w", notifyPipe, err)
 	}
