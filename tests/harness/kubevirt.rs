@@ -196,6 +196,12 @@ fn build(go: &GoToolchain, tarball: &Path, stub_dir: &Path, programs: &[&Program
     Ok(())
 }
 
+/// One line on stderr, past the test harness's output capture: a build that takes minutes
+/// should say so while it runs.
+fn progress(line: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "kubevirt harness: {line}");
+}
+
 /// The repository's root: the e2e crate lives in `tests/`.
 fn repository_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -355,11 +361,11 @@ fn mark_done(dir: &Path) -> Result<()> {
 fn extract(tarball: &Path) -> Result<PathBuf> {
     let root = tree_root();
     if !is_done(&root) {
-        eprintln!(
-            "kubevirt harness: extracting {} into {}",
+        progress(format_args!(
+            "extracting {} into {}",
             tarball.display(),
             root.display()
-        );
+        ));
         remove_partial(Path::new(CACHE_DIR), ".src-");
         let partial = Path::new(CACHE_DIR).join(format!(".src-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
@@ -418,11 +424,11 @@ fn copy_into_tree(src: &Path, dest: &Path) -> Result<()> {
 fn run_go_build(go: &GoToolchain, tree: &Path, names: &[&str], out: &Path) -> Result<()> {
     let cache = Path::new(CACHE_DIR);
     let log_path = cache.join("go-build.log");
-    eprintln!(
-        "kubevirt harness: building {} with {GO_VERSION} (a cold Go cache takes minutes; log: {})",
+    progress(format_args!(
+        "building {} with {GO_VERSION} (a cold Go cache takes minutes; log: {})",
         names.join(", "),
         log_path.display()
-    );
+    ));
     let started = Instant::now();
     let mut cmd = Command::new(go.goroot.join("bin/go"));
     cmd.current_dir(tree)
@@ -463,11 +469,11 @@ fn run_go_build(go: &GoToolchain, tree: &Path, names: &[&str], out: &Path) -> Re
             bail!("{} is not executable", binary.display());
         }
     }
-    eprintln!(
-        "kubevirt harness: built {} in {:.0?}",
+    progress(format_args!(
+        "built {} in {:.0?}",
         names.join(", "),
         started.elapsed()
-    );
+    ));
     Ok(())
 }
 
