@@ -12,6 +12,9 @@ APT_PACKAGES=(
 	qemu-system-x86
 	prometheus
 	pkg-config
+	# mount(8), for the virt-launcher pods of tests/kubevirt.rs: required priority, yet not in
+	# a minimal Debian 12 root.
+	mount
 )
 
 log() { printf 'install-deps: %s\n' "$*"; }

@@ -79,7 +79,7 @@ const QEMU_TIMEOUT: &str = "300s";
 const SYNC_TIMEOUT: Duration = Duration::from_secs(240);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long virt-launcher may take to start its daemon and serve its command socket.
-const READY_TIMEOUT: &str = "240s";
+const READY_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// How virt-launcher runs: KubeVirt's default since 1.0, or the legacy root mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -694,12 +694,7 @@ impl LauncherPod {
             compute,
             layout,
         };
-        pod.handler
-            .call(
-                json!({"command": "connect", "timeout": READY_TIMEOUT}),
-                SYNC_TIMEOUT,
-            )
-            .with_context(|| pod.diagnostics())?;
+        pod.wait_ready()?;
         let uri = pod.libvirt_uri();
         pod.handler
             .call(
@@ -708,6 +703,37 @@ impl LauncherPod {
             )
             .with_context(|| pod.diagnostics())?;
         Ok(pod)
+    }
+
+    /// Waits, as virt-handler does, until virt-launcher serves its command socket; fails at
+    /// once with the logs when a container exits meanwhile.
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let exited = [&mut self.compute, &mut self.sidecar]
+                .into_iter()
+                .find_map(|c| Some((c.name.clone(), c.try_status().ok()??)));
+            if let Some((name, status)) = exited {
+                bail!(
+                    "container {name} exited ({status}) before virt-launcher was ready:\n{}",
+                    self.diagnostics()
+                );
+            }
+            let attempt = self.handler.call(
+                json!({"command": "connect", "timeout": "2s"}),
+                COMMAND_TIMEOUT,
+            );
+            match attempt {
+                Ok(_) => return Ok(()),
+                Err(err) if Instant::now() >= deadline => {
+                    return Err(err.context(format!(
+                        "virt-launcher not ready within {READY_TIMEOUT:?}:\n{}",
+                        self.diagnostics()
+                    )));
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// What a root process on the machine connects to, read-only, to see the pod's domains.
