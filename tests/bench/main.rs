@@ -175,7 +175,7 @@ fn run() -> Result<()> {
     let config = Config::from_env()?;
     let began = Instant::now();
     // Children inherit it: the aggregator needs a descriptor per connection too.
-    let nofile = procfs::raise_nofile(65_536)?;
+    let nofile = e2e::tools::raise_nofile(65_536)?;
     ensure!(
         nofile >= 12_000 || !config.runs(Part::Aggregator),
         "RLIMIT_NOFILE can only be raised to {nofile}; 10,000 connections need 12,000"
@@ -291,7 +291,7 @@ fn hold(args: &[String]) -> Result<()> {
         "own" => Layout::OwnConnection,
         other => bail!("layout {other:?}: expected shared or own"),
     };
-    procfs::raise_nofile(65_536)?;
+    e2e::tools::raise_nofile(65_536)?;
     let runtime = load_client_runtime()?;
     let _entered = runtime.enter();
     let streams = runtime.block_on(load::open_streams(addr, count, layout))?;
