@@ -15,27 +15,40 @@ pub struct Memory {
     /// Pages only this process maps, clean or dirty (includes its own binary's pages
     /// when no other process runs the same binary).
     pub private: u64,
+    /// Proportional set: each resident page divided by the number of processes mapping it.
+    pub proportional: u64,
 }
 
 pub fn memory(pid: u32) -> Result<Memory> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let field = |name: &str| -> Result<u64> {
-        let kib: u64 = text
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|rest| rest.trim().strip_suffix("kB"))
-            .with_context(|| format!("no {name} in {path}"))?
-            .trim()
-            .parse()
-            .with_context(|| format!("parsing {name} in {path}"))?;
-        Ok(kib * 1024)
-    };
+    let field = |name: &str| kib_field(&text, name, &path);
     Ok(Memory {
         rss: field("Rss")?,
         anonymous: field("Anonymous")?,
         private: field("Private_Clean")? + field("Private_Dirty")?,
+        proportional: field("Pss")?,
     })
+}
+
+/// `MemAvailable` of /proc/meminfo: what can be allocated without swapping, in bytes.
+pub fn mem_available() -> Result<u64> {
+    let path = "/proc/meminfo";
+    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    kib_field(&text, "MemAvailable", path)
+}
+
+/// The `NAME:   N kB` line of a /proc file, in bytes.
+fn kib_field(text: &str, name: &str, path: &str) -> Result<u64> {
+    let kib: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .with_context(|| format!("no {name} in {path}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {name} in {path}"))?;
+    Ok(kib * 1024)
 }
 
 /// CPU time the process has used so far, all its threads together, in nanoseconds.
