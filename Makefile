@@ -1,5 +1,5 @@
 # Entry points for humans and CI. `make test` is what CI runs on a fresh Debian 12 machine (as root).
-.PHONY: deps build lint test demo fuzz bench
+.PHONY: deps bench-deps build lint test demo fuzz bench
 
 CARGO ?= cargo
 
@@ -25,10 +25,14 @@ demo: deps build
 fuzz:
 	CARGO=$(CARGO) ./tests/fuzz/run.sh
 
-# Footprint and latencies of the release binaries on this machine, printed as one table
-# (docs/performance.md). Not part of `make test`: it takes minutes and measures rather than
-# asserts. BENCH_QUICK=1 shortens it to a smoke run; BENCH_ONLY=sidecar,detection,aggregator,churn
-# picks parts.
-bench: deps
+# `deps` and what only the bench needs: the peer it compares with (prometheus-libvirt-exporter).
+bench-deps:
+	./scripts/install-deps.sh --bench
+
+# Footprint and latencies of the release binaries on this machine, and the peer side by side,
+# printed as tables (docs/performance.md). Not part of `make test`: it takes minutes and
+# measures rather than asserts. BENCH_QUICK=1 shortens it to a smoke run;
+# BENCH_ONLY=sidecar,detection,aggregator,churn,peer picks parts.
+bench: bench-deps
 	$(CARGO) build --release -p launcher-sidecar -p node-aggregator
 	$(CARGO) run --release -q -p e2e --bin bench

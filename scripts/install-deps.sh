@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests and the demo need on Debian 12, idempotently:
 # every step first checks whether there is anything to do, so a second run changes nothing.
+# With --bench (`make bench`), also what only the benchmark needs.
 set -euo pipefail
+
+WITH_BENCH=0
+for arg in "$@"; do
+	case $arg in
+	--bench) WITH_BENCH=1 ;;
+	*)
+		echo "install-deps: unknown argument $arg (the only one is --bench)" >&2
+		exit 2
+		;;
+	esac
+done
 
 TEST_USER=kvhm-test
 APT_PACKAGES=(
@@ -16,6 +28,11 @@ APT_PACKAGES=(
 	# a minimal Debian 12 root.
 	mount
 )
+# The peer the bench compares with (tests/bench/peer.rs): kumina's libvirt_exporter 0.2.0.
+BENCH_PACKAGES=(prometheus-libvirt-exporter)
+if ((WITH_BENCH)); then
+	APT_PACKAGES+=("${BENCH_PACKAGES[@]}")
+fi
 
 log() { printf 'install-deps: %s\n' "$*"; }
 
@@ -40,6 +57,13 @@ if ((${#missing[@]})); then
 	apt-get install -y --no-install-recommends "${missing[@]}"
 else
 	log "apt packages already installed"
+fi
+# The exporter's package enables a service that would scrape the system's libvirt on :9177;
+# the bench runs its own instance on loopback against its own daemon.
+if ((WITH_BENCH)) && command -v systemctl >/dev/null 2>&1 &&
+	systemctl is-enabled --quiet prometheus-libvirt-exporter.service 2>/dev/null; then
+	log "disabling the packaged prometheus-libvirt-exporter service (the bench runs its own)"
+	systemctl disable --now prometheus-libvirt-exporter.service || true
 fi
 
 # Installs a PyPI package system-wide (each caller checks first whether it is needed).

@@ -368,6 +368,10 @@ fn frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
     out
 }
 
+fn random_bytes(rng: &mut fastrand::Rng, len: usize) -> Vec<u8> {
+    std::iter::repeat_with(|| rng.u8(..)).take(len).collect()
+}
+
 /// Writes `bytes`, ignoring a peer that already hung up (that is its right).
 fn write_ignoring_reset(stream: &mut TcpStream, bytes: &[u8]) {
     let _ = stream.write_all(bytes);
@@ -422,8 +426,7 @@ fn garbage_and_half_written_http2_on_both_ports() -> Result<()> {
         for i in 0..20 {
             let mut stream = tcp(addr)?;
             let len = rng.usize(1..4096);
-            let garbage: Vec<u8> = std::iter::repeat_with(|| rng.u8(..)).take(len).collect();
-            write_ignoring_reset(&mut stream, &garbage);
+            write_ignoring_reset(&mut stream, &random_bytes(&mut rng, len));
             if i % 2 == 0 {
                 let _ = stream.shutdown(Shutdown::Write);
                 let _ = read_for(&mut stream, Duration::from_millis(100));
@@ -434,7 +437,7 @@ fn garbage_and_half_written_http2_on_both_ports() -> Result<()> {
             let mut stream = tcp(addr)?;
             let mut bytes = PREFACE.to_vec();
             let len = rng.usize(1..2048);
-            bytes.extend(std::iter::repeat_with(|| rng.u8(..)).take(len));
+            bytes.extend(random_bytes(&mut rng, len));
             write_ignoring_reset(&mut stream, &bytes);
         }
         // Half a preface, and a preface with half a SETTINGS frame: left hanging.
@@ -886,6 +889,165 @@ fn ten_thousand_streams_from_one_client() -> Result<()> {
         }
     );
     rt.block_on(legit.report(domain("default", "vm-legit", HypervisorType::QemuTcg)))?;
+    Ok(())
+}
+
+/// Rounds of the connection flood, and what each round opens at once.
+const HOSTILE_ROUNDS: usize = 4;
+const HOSTILE_GRPC: usize = 2_000;
+const HOSTILE_HTTP: usize = 200;
+
+/// One round of hostile clients, all left open: on the gRPC port half send random bytes and
+/// half a bare HTTP/2 preface; on the metrics port, requests whose head (with a header of up
+/// to 8 KiB) never ends.
+fn hostile_connections(
+    grpc: &str,
+    metrics: &str,
+    rng: &mut fastrand::Rng,
+) -> Result<Vec<TcpStream>> {
+    let mut open = Vec::with_capacity(HOSTILE_GRPC + HOSTILE_HTTP);
+    for i in 0..HOSTILE_GRPC {
+        let mut stream = tcp(grpc)?;
+        if i % 2 == 0 {
+            let len = rng.usize(1..4096);
+            write_ignoring_reset(&mut stream, &random_bytes(rng, len));
+        } else {
+            write_ignoring_reset(&mut stream, PREFACE);
+        }
+        open.push(stream);
+    }
+    for _ in 0..HOSTILE_HTTP {
+        let mut stream = tcp(metrics)?;
+        let mut request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+        request.extend(std::iter::repeat_n(b'a', rng.usize(1..8 * 1024)));
+        request.extend(b"\r\n");
+        write_ignoring_reset(&mut stream, &request);
+        open.push(stream);
+    }
+    Ok(open)
+}
+
+/// The aggregator's RSS once it has come down to `bound`: the lowest reading in the 3 s after
+/// the first one at or under it (the aggregator hands freed memory back a second or two after
+/// connections close), and how long it took to come down. Polls until `timeout`: the bound is
+/// on memory, not on time.
+fn settled_rss(aggregator: &Aggregator, bound: u64, timeout: Duration) -> Result<(u64, Duration)> {
+    let started = Instant::now();
+    let mut last = aggregator.rss_bytes()?;
+    wait_until(timeout, "the aggregator's RSS to come down", || {
+        last = aggregator.rss_bytes()?;
+        Ok((last <= bound).then_some(()))
+    })
+    .with_context(|| {
+        format!(
+            "aggregator RSS {:.1} MiB, bound {:.1} MiB",
+            mib(last),
+            mib(bound)
+        )
+    })?;
+    let came_down = started.elapsed();
+    let mut lowest = last;
+    while started.elapsed() < came_down + Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(250));
+        lowest = lowest.min(aggregator.rss_bytes()?);
+    }
+    Ok((lowest, came_down))
+}
+
+/// Hostile clients on both ports, several rounds: 2,000 gRPC connections that send garbage or
+/// a bare preface and 200 never-ending HTTP requests each round, then all closed. The
+/// aggregator answers throughout, and after each round its memory comes back: within 8 MiB
+/// of where it started, and no higher round after round.
+#[test]
+fn connection_floods_leave_the_aggregator_no_larger() -> Result<()> {
+    let nofile = e2e::tools::raise_nofile(8192)?;
+    ensure!(
+        nofile >= (HOSTILE_GRPC + HOSTILE_HTTP) as u64 + 512,
+        "RLIMIT_NOFILE is {nofile}: a round's connections need a descriptor each, here and in the aggregator"
+    );
+    let rt = runtime();
+    // Started after raising the limit, which it inherits.
+    let aggregator = Aggregator::start("node-1")?;
+    let (grpc, metrics) = (aggregator.grpc_addr(), aggregator.metrics_target());
+    let mut legit = rt.block_on(async {
+        let mut legit = Reporter::open(connect(&aggregator).await?).await?;
+        legit
+            .report(domain("default", "vm-legit", HypervisorType::Kvm))
+            .await?;
+        anyhow::Ok(legit)
+    })?;
+    aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
+    aggregator.metrics()?;
+    let (baseline, _) = settled_rss(&aggregator, u64::MAX, ANSWER)?;
+    let bound = baseline + (8 << 20);
+    let mut rng = fastrand::Rng::with_seed(0x666c_6f6f);
+    let mut settled = Vec::new();
+    for round in 0..HOSTILE_ROUNDS {
+        let opening = Instant::now();
+        let open = hostile_connections(&grpc, &metrics, &mut rng)?;
+        let opened_in = opening.elapsed();
+        // With the whole round open: the legit stream is answered, a new client is served
+        // (Inventory/List on a connection of its own), /metrics shows the series. No report
+        // stream ends here: closing one would have the aggregator trim its memory anyway.
+        let hypervisor = if round % 2 == 0 {
+            HypervisorType::QemuTcg
+        } else {
+            HypervisorType::Kvm
+        };
+        let listed = rt.block_on(async {
+            legit
+                .report(domain("default", "vm-legit", hypervisor))
+                .await?;
+            inventory(&aggregator).await
+        })?;
+        ensure!(
+            listed.len() == 1
+                && listed[0]
+                    .domain
+                    .as_ref()
+                    .is_some_and(|d| d.hypervisor_type == hypervisor as i32),
+            "round {round}: Inventory/List during the flood: {listed:?}"
+        );
+        let series = exposed(&aggregator)?;
+        ensure!(
+            series == [("vm-legit".to_string(), hypervisor.label().to_string())],
+            "round {round}: /metrics during the flood shows {series:?}"
+        );
+        let during = aggregator.rss_bytes()?;
+        drop(open);
+        let (after, came_down) = settled_rss(&aggregator, bound, Duration::from_secs(60))
+            .with_context(|| {
+                format!(
+                    "round {round}: RSS did not come back within 8 MiB of the baseline {:.1} \
+                     MiB after the flood closed (after the earlier rounds: {:?} MiB)",
+                    mib(baseline),
+                    settled
+                        .iter()
+                        .map(|&b| format!("{:.1}", mib(b)))
+                        .collect::<Vec<_>>()
+                )
+            })?;
+        note!(
+            "connection flood round {round}: {HOSTILE_GRPC} gRPC + {HOSTILE_HTTP} HTTP connections \
+             opened in {opened_in:?}; aggregator RSS {:.1} MiB with them open; closed, under \
+             the bound ({:.1} MiB) after {came_down:?}, then {:.1} MiB (baseline {:.1} MiB)",
+            mib(during),
+            mib(bound),
+            mib(after),
+            mib(baseline)
+        );
+        settled.push(after);
+    }
+    let first = settled[0];
+    for (round, &after) in settled.iter().enumerate().skip(1) {
+        ensure!(
+            after <= first + (2 << 20),
+            "round {round} left the aggregator at {:.1} MiB, more than 2 MiB over round 0's {:.1} MiB",
+            mib(after),
+            mib(first)
+        );
+    }
+    aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
     Ok(())
 }
 

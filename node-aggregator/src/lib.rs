@@ -2,10 +2,12 @@
 //! (`service`), the `registry` holds one series per VMI for as long as the
 //! stream that reported it is open, and `metrics` (Prometheus) and `inventory`
 //! (gRPC, for grpcurl) read the registry. `validate` decides what may become a
-//! series; `listener` and `tls` guard the two ports.
+//! series; `listener` and `tls` guard the two ports, and `memory` hands back
+//! what closed connections and streams used.
 
 pub mod inventory;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod registry;
 pub mod service;

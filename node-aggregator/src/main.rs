@@ -13,6 +13,7 @@ use hypervisor_proto::v1::{
 };
 use node_aggregator::inventory::InventoryService;
 use node_aggregator::listener;
+use node_aggregator::memory::Trimmer;
 use node_aggregator::metrics::{self, Exposition};
 use node_aggregator::registry::{Capacity, Registry};
 use node_aggregator::service::ReportService;
@@ -102,7 +103,9 @@ async fn main() -> anyhow::Result<()> {
         .with_keepalive(Some(args.keepalive_interval))
         .with_keepalive_interval(Some(args.keepalive_interval))
         .with_keepalive_retries(Some(3));
-    let routes = grpc_routes(&args, Arc::clone(&registry)).await?;
+    // Connections and streams that end have their memory handed back to the system.
+    let trimmer = Trimmer::start();
+    let routes = grpc_routes(&args, Arc::clone(&registry), trimmer.clone()).await?;
 
     let unix_server = match &args.grpc_unix {
         Some(path) => {
@@ -120,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc = tokio::spawn(
         grpc_server(&args)
             .add_routes(routes)
-            .serve_with_incoming(listener::require_preface(grpc_incoming)),
+            .serve_with_incoming(listener::require_preface(grpc_incoming, trimmer.clone())),
     );
     let tls = match (&args.metrics_tls_cert, &args.metrics_tls_key) {
         // clap makes each flag require the other.
@@ -136,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_listener,
         metrics::router(exposition, Arc::clone(&ready)),
         tls,
+        trimmer,
     ));
     ready.store(true, Ordering::Release);
     info!(
@@ -174,7 +178,11 @@ fn grpc_server(args: &Args) -> Server {
         .max_concurrent_streams(args.max_streams_per_connection)
 }
 
-async fn grpc_routes(args: &Args, registry: Arc<Registry>) -> anyhow::Result<Routes> {
+async fn grpc_routes(
+    args: &Args,
+    registry: Arc<Registry>,
+    trimmer: Trimmer,
+) -> anyhow::Result<Routes> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<HypervisorReporterServer<ReportService>>()
@@ -190,6 +198,7 @@ async fn grpc_routes(args: &Args, registry: Arc<Registry>) -> anyhow::Result<Rou
     let reports = HypervisorReporterServer::new(ReportService::new(
         Arc::clone(&registry),
         args.max_reports_per_second,
+        trimmer,
     ))
     .max_decoding_message_size(args.max_message_bytes);
     Ok(Routes::new(reports)

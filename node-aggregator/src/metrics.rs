@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use crate::memory::Trimmer;
 use crate::registry::{INFO_SERIES, Limit, Registry};
 use crate::validate::Rejection;
 
@@ -168,9 +169,19 @@ fn gauge(out: &mut String, suffix: &str, help: &str, value: usize) {
 /// A client gets this long for its TLS handshake and for its request headers,
 /// so that slow or silent clients cannot pile up connections.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest request head read (hyper's default is ~400 KiB, so each client could make the
+/// aggregator hold that much until its deadline); a larger one is answered 431. A scrape's
+/// head is a few hundred bytes, a few KiB with a bearer token.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
-/// Serves `router` on `listener` over HTTP/1.1, in TLS when `tls` is given.
-pub async fn serve(listener: TcpListener, router: Router, tls: Option<TlsAcceptor>) {
+/// Serves `router` on `listener` over HTTP/1.1, in TLS when `tls` is given; `trimmer`
+/// hands a connection's memory back after it closes.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    trimmer: Trimmer,
+) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -183,10 +194,13 @@ pub async fn serve(listener: TcpListener, router: Router, tls: Option<TlsAccepto
         };
         let service = TowerToHyperService::new(router.clone());
         let tls = tls.clone();
+        let trim = trimmer.on_drop();
         tokio::spawn(async move {
+            let _trim = trim;
             let mut http = http1::Builder::new();
             http.timer(TokioTimer::new())
-                .header_read_timeout(CLIENT_DEADLINE);
+                .header_read_timeout(CLIENT_DEADLINE)
+                .max_buf_size(MAX_REQUEST_HEAD);
             let served = match tls {
                 None => http.serve_connection(TokioIo::new(tcp), service).await,
                 Some(tls) => match tokio::time::timeout(CLIENT_DEADLINE, tls.accept(tcp)).await {

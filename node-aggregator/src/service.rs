@@ -8,45 +8,28 @@ use std::time::Instant;
 use futures_util::stream;
 use hypervisor_proto::v1::hypervisor_reporter_server::HypervisorReporter;
 use hypervisor_proto::v1::{DomainReport, ReportAck, domain_report::Change};
-use tokio::sync::Notify;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::memory::{TrimOnDrop, Trimmer};
 use crate::registry::{Limit, Registry, StreamHandle, StreamId, VmiKey};
 use crate::validate::Rejection;
 
 pub struct ReportService {
     registry: Arc<Registry>,
     reports_per_second: u32,
-    trim: Arc<Notify>,
+    trimmer: Trimmer,
 }
 
 impl ReportService {
-    /// `reports_per_second` bounds each stream, with one second's worth as burst.
-    /// Must be called inside the runtime: it starts the memory trimmer.
-    pub fn new(registry: Arc<Registry>, reports_per_second: u32) -> Self {
-        let trim = Arc::new(Notify::new());
-        tokio::spawn(trim_freed_memory(Arc::clone(&trim)));
+    /// `reports_per_second` bounds each stream, with one second's worth as burst. A stream
+    /// that ends has `trimmer` hand its memory back.
+    pub fn new(registry: Arc<Registry>, reports_per_second: u32, trimmer: Trimmer) -> Self {
         ReportService {
             registry,
             reports_per_second,
-            trim,
-        }
-    }
-}
-
-/// After streams close, hands the memory they used back to the system: glibc
-/// keeps freed memory for reuse, so a burst of thousands of streams would
-/// otherwise leave the aggregator large for good. At most once a second.
-async fn trim_freed_memory(closed: Arc<Notify>) {
-    loop {
-        closed.notified().await;
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only walks and shrinks the allocator's own free lists.
-        unsafe {
-            libc::malloc_trim(0);
+            trimmer,
         }
     }
 }
@@ -74,7 +57,7 @@ impl HypervisorReporter for ReportService {
                 stream: stream.id(),
                 peer,
                 failure: Some("the stream was reset or its connection lost".into()),
-                trim: Arc::clone(&self.trim),
+                _trim: self.trimmer.on_drop(),
             },
             stream,
         };
@@ -159,7 +142,8 @@ struct Ending {
     /// dropping a stream still open means: tonic drops the acks of a stream that was
     /// reset or whose connection was lost.
     failure: Option<Cow<'static, str>>,
-    trim: Arc<Notify>,
+    /// Dropped after the log line, with the rest of the stream already gone.
+    _trim: TrimOnDrop,
 }
 
 impl Drop for Ending {
@@ -171,7 +155,6 @@ impl Drop for Ending {
                 warn!(stream = id, %peer, %reason, "report stream failed; its series are gone")
             }
         }
-        self.trim.notify_one();
     }
 }
 

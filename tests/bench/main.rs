@@ -8,6 +8,8 @@
 //! 3. Aggregator at 1,000 and 10,000 report streams: memory per stream, /metrics render
 //!    time against the same bytes served pre-rendered, idle CPU with keepalives.
 //! 4. Churn: 1,000 changes per second for 30 s, then an exact end-state check.
+//! 5. The peer (`peer.rs`): Debian's prometheus-libvirt-exporter against the same daemon
+//!    and guests as the sidecars and the aggregator, printed side by side.
 //!
 //! `BENCH_QUICK=1` shortens the windows for a smoke run; its figures are not the reference.
 //! Everything runs on 127.0.0.1, bounded in count and time; every process and guest the
@@ -16,6 +18,7 @@
 mod events;
 mod http;
 mod load;
+mod peer;
 mod procfs;
 mod table;
 
@@ -45,7 +48,7 @@ use tower::service_fn;
 use crate::http::HttpConn;
 use crate::load::Layout;
 use crate::procfs::Memory;
-use crate::table::{Table, kib, mib, millis, ms, percentile};
+use crate::table::{SideBySide, Table, kib, mib, millis, ms, percentile};
 
 const INFO_PREFIX: &str = "kubevirt_vmi_hypervisor_info{";
 /// libvirt out of reach: the startup measurement needs only the hook socket.
@@ -62,20 +65,22 @@ const STREAMS_PER_CONNECTION: usize = 16;
 /// rendering and compete with the sidecar being measured.
 const POLL_PAUSE: Duration = Duration::from_micros(500);
 
-/// The parts of the bench, selectable with `BENCH_ONLY=sidecar,detection,aggregator,churn`.
+/// The parts of the bench, selectable with `BENCH_ONLY=sidecar,detection,aggregator,churn,peer`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Part {
     Sidecar,
     Detection,
     Aggregator,
     Churn,
+    Peer,
 }
 
-const PARTS: [(&str, Part); 4] = [
+const PARTS: [(&str, Part); 5] = [
     ("sidecar", Part::Sidecar),
     ("detection", Part::Detection),
     ("aggregator", Part::Aggregator),
     ("churn", Part::Churn),
+    ("peer", Part::Peer),
 ];
 
 struct Config {
@@ -87,6 +92,7 @@ struct Config {
     scrapes: usize,
     churn: Duration,
     scales: Vec<usize>,
+    peer: peer::PeerConfig,
 }
 
 impl Config {
@@ -120,6 +126,11 @@ impl Config {
             scrapes: if quick { 10 } else { 100 },
             churn: Duration::from_secs(if quick { 5 } else { 30 }),
             scales: vec![1_000, 10_000],
+            peer: peer::PeerConfig {
+                guests: if quick { vec![5] } else { vec![10, 30, 100] },
+                scrapes: if quick { 20 } else { 100 },
+                stops: if quick { 2 } else { 5 },
+            },
         })
     }
 
@@ -175,7 +186,7 @@ fn run() -> Result<()> {
     let config = Config::from_env()?;
     let began = Instant::now();
     // Children inherit it: the aggregator needs a descriptor per connection too.
-    let nofile = procfs::raise_nofile(65_536)?;
+    let nofile = e2e::tools::raise_nofile(65_536)?;
     ensure!(
         nofile >= 12_000 || !config.runs(Part::Aggregator),
         "RLIMIT_NOFILE can only be raised to {nofile}; 10,000 connections need 12,000"
@@ -252,6 +263,12 @@ fn run() -> Result<()> {
         churn(&runtime, &config, &mut table)?;
     }
 
+    let mut side_by_side = SideBySide::default();
+    let mut peer_notes = Vec::new();
+    if config.runs(Part::Peer) {
+        peer_notes = peer::peer(&runtime, &config.peer, &mut side_by_side)?;
+    }
+
     let took = began.elapsed();
     println!();
     println!(
@@ -259,15 +276,26 @@ fn run() -> Result<()> {
         config.describe(),
         machine()
     );
-    println!();
-    print!("{}", table.render());
-    println!();
-    notes.push(
-        "p99 is the nearest-rank percentile: of 100 samples the second largest, of fewer than 100 the largest.".into(),
-    );
-    for note in notes {
-        println!("{note}");
+    if !table.is_empty() {
+        println!();
+        print!("{}", table.render());
+        println!();
+        notes.push(
+            "p99 is the nearest-rank percentile: of 100 samples the second largest, of fewer than 100 the largest.".into(),
+        );
+        for note in notes {
+            println!("{note}");
+        }
     }
+    if !side_by_side.is_empty() {
+        println!();
+        print!("{}", side_by_side.render());
+        println!();
+        for note in peer_notes {
+            println!("{note}");
+        }
+    }
+    println!();
     println!(
         "Bench took {:.0} s; {} target(s) missed.",
         took.as_secs_f64(),
@@ -291,7 +319,7 @@ fn hold(args: &[String]) -> Result<()> {
         "own" => Layout::OwnConnection,
         other => bail!("layout {other:?}: expected shared or own"),
     };
-    procfs::raise_nofile(65_536)?;
+    e2e::tools::raise_nofile(65_536)?;
     let runtime = load_client_runtime()?;
     let _entered = runtime.enter();
     let streams = runtime.block_on(load::open_streams(addr, count, layout))?;
@@ -910,11 +938,21 @@ async fn poll(metrics: SocketAddr, log: &PollLog, stop: &AtomicBool) -> Result<V
 
 /// The `name` label of every info series in an exposition.
 fn vmi_names(body: &[u8]) -> BTreeSet<String> {
+    label_values(body, INFO_PREFIX, "name")
+}
+
+/// The values of `label` on the lines of `body` that start with `series` (up to its `{`).
+fn label_values(body: &[u8], series: &str, label: &str) -> BTreeSet<String> {
+    let (first, other) = (format!("{{{label}=\""), format!(",{label}=\""));
     String::from_utf8_lossy(body)
         .lines()
-        .filter(|line| line.starts_with(INFO_PREFIX))
+        .filter(|line| line.starts_with(series))
         .filter_map(|line| {
-            let rest = &line[line.find(",name=\"")? + ",name=\"".len()..];
+            let (at, len) = line
+                .find(&first)
+                .map(|at| (at, first.len()))
+                .or_else(|| line.find(&other).map(|at| (at, other.len())))?;
+            let rest = &line[at + len..];
             Some(rest[..rest.find('"')?].to_string())
         })
         .collect()

@@ -15,27 +15,40 @@ pub struct Memory {
     /// Pages only this process maps, clean or dirty (includes its own binary's pages
     /// when no other process runs the same binary).
     pub private: u64,
+    /// Proportional set: each resident page divided by the number of processes mapping it.
+    pub proportional: u64,
 }
 
 pub fn memory(pid: u32) -> Result<Memory> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let field = |name: &str| -> Result<u64> {
-        let kib: u64 = text
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|rest| rest.trim().strip_suffix("kB"))
-            .with_context(|| format!("no {name} in {path}"))?
-            .trim()
-            .parse()
-            .with_context(|| format!("parsing {name} in {path}"))?;
-        Ok(kib * 1024)
-    };
+    let field = |name: &str| kib_field(&text, name, &path);
     Ok(Memory {
         rss: field("Rss")?,
         anonymous: field("Anonymous")?,
         private: field("Private_Clean")? + field("Private_Dirty")?,
+        proportional: field("Pss")?,
     })
+}
+
+/// `MemAvailable` of /proc/meminfo: what can be allocated without swapping, in bytes.
+pub fn mem_available() -> Result<u64> {
+    let path = "/proc/meminfo";
+    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    kib_field(&text, "MemAvailable", path)
+}
+
+/// The `NAME:   N kB` line of a /proc file, in bytes.
+fn kib_field(text: &str, name: &str, path: &str) -> Result<u64> {
+    let kib: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .with_context(|| format!("no {name} in {path}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {name} in {path}"))?;
+    Ok(kib * 1024)
 }
 
 /// CPU time the process has used so far, all its threads together, in nanoseconds.
@@ -94,38 +107,4 @@ pub fn open_fds(pid: u32) -> Result<usize> {
     Ok(fs::read_dir(&dir)
         .with_context(|| format!("listing {dir}"))?
         .count())
-}
-
-/// Raises this process's open-file limit (children inherit it) so that 10,000 connections
-/// fit in the load client and in the aggregator.
-pub fn raise_nofile(wanted: u64) -> Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
-    }
-    if limit.rlim_cur >= wanted {
-        return Ok(limit.rlim_cur);
-    }
-    // Root may raise the hard limit too; otherwise settle for the hard limit.
-    let raised = libc::rlimit {
-        rlim_cur: wanted,
-        rlim_max: limit.rlim_max.max(wanted),
-    };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-        return Ok(wanted);
-    }
-    let capped = libc::rlimit {
-        rlim_cur: limit.rlim_max,
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: as above.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &capped) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
-    }
-    Ok(limit.rlim_max)
 }

@@ -112,6 +112,10 @@ impl Table {
         self.rows.push(row);
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
     pub fn missed(&self) -> usize {
         self.rows
             .iter()
@@ -122,7 +126,6 @@ impl Table {
     /// A Markdown table, so that docs/performance.md can hold it as printed. Rows are grouped
     /// by component in the order of [`GROUPS`], each group in the order measured.
     pub fn render(&self) -> String {
-        let header = ["measurement", "median", "p99", "target", "met"];
         let mut rows: Vec<&Row> = self.rows.iter().collect();
         rows.sort_by_key(|r| {
             GROUPS
@@ -130,10 +133,10 @@ impl Table {
                 .position(|g| r.measurement.starts_with(g))
                 .unwrap_or(GROUPS.len())
         });
-        let cells: Vec<[&str; 5]> = rows
+        let cells: Vec<Vec<&str>> = rows
             .iter()
             .map(|r| {
-                [
+                vec![
                     r.measurement.as_str(),
                     r.median.as_str(),
                     r.p99.as_str(),
@@ -142,32 +145,91 @@ impl Table {
                 ]
             })
             .collect();
-        let mut widths = header.map(|h| h.chars().count());
-        for row in &cells {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
-            }
-        }
-        let mut out = String::new();
-        let line = |out: &mut String, row: [&str; 5]| {
-            out.push('|');
-            for (cell, width) in row.iter().zip(widths) {
-                let pad = width - cell.chars().count();
-                let _ = write!(out, " {cell}{} |", " ".repeat(pad));
-            }
-            out.push('\n');
+        markdown(&["measurement", "median", "p99", "target", "met"], &cells)
+    }
+}
+
+/// The peer comparison: one row per measurement and number of guests, a column per side.
+#[derive(Default)]
+pub struct SideBySide {
+    rows: Vec<[String; 4]>,
+}
+
+impl SideBySide {
+    pub const HEADER: [&str; 4] = [
+        "measurement",
+        "guests",
+        "prometheus-libvirt-exporter",
+        "node-aggregator + sidecars",
+    ];
+
+    pub fn row(
+        &mut self,
+        measurement: impl Into<String>,
+        guests: impl Into<String>,
+        exporter: impl Into<String>,
+        ours: impl Into<String>,
+    ) {
+        let row = [
+            measurement.into(),
+            guests.into(),
+            exporter.into(),
+            ours.into(),
+        ];
+        eprintln!("bench: {}", row.join(" | "));
+        self.rows.push(row);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// A Markdown table: each measurement's rows together (by number of guests), the
+    /// measurements in the order first measured.
+    pub fn render(&self) -> String {
+        let first_seen = |measurement: &str| {
+            self.rows
+                .iter()
+                .position(|row| row[0] == measurement)
+                .unwrap_or(0)
         };
-        line(&mut out, header);
+        let mut rows: Vec<&[String; 4]> = self.rows.iter().collect();
+        rows.sort_by_key(|row| first_seen(&row[0]));
+        let cells: Vec<Vec<&str>> = rows
+            .iter()
+            .map(|row| row.iter().map(String::as_str).collect())
+            .collect();
+        markdown(&Self::HEADER, &cells)
+    }
+}
+
+/// `header` and `rows` as a Markdown table with aligned columns.
+fn markdown(header: &[&str], rows: &[Vec<&str>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, row: &[&str]| {
         out.push('|');
-        for width in widths {
-            let _ = write!(out, "{}|", "-".repeat(width + 2));
+        for (cell, width) in row.iter().zip(&widths) {
+            let pad = width - cell.chars().count();
+            let _ = write!(out, " {cell}{} |", " ".repeat(pad));
         }
         out.push('\n');
-        for row in cells {
-            line(&mut out, row);
-        }
-        out
+    };
+    line(&mut out, header);
+    out.push('|');
+    for width in &widths {
+        let _ = write!(out, "{}|", "-".repeat(width + 2));
     }
+    out.push('\n');
+    for row in rows {
+        line(&mut out, row);
+    }
+    out
 }
 
 fn verdict_text(verdict: Verdict) -> &'static str {
@@ -181,6 +243,22 @@ fn verdict_text(verdict: Verdict) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn side_by_side_keeps_each_measurements_rows_together() {
+        let mut table = SideBySide::default();
+        for guests in ["10", "30"] {
+            table.row("latency", guests, "a", "b");
+            table.row("memory", guests, "c", "d");
+        }
+        let rendered = table.render();
+        let firsts: Vec<&str> = rendered
+            .lines()
+            .skip(2)
+            .map(|line| line.split('|').nth(1).unwrap_or("").trim())
+            .collect();
+        assert_eq!(firsts, ["latency", "latency", "memory", "memory"]);
+    }
 
     #[test]
     fn nearest_rank() {

@@ -663,6 +663,11 @@ impl LibvirtDaemon {
             .collect())
     }
 
+    /// The daemon's process id while it runs (its own: `setpriv` execs).
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     /// SIGKILLs the daemon only. Its guests keep running, as when libvirt restarts under a
     /// running VM; [`restart`](Self::restart) brings it back.
     pub fn kill(&mut self) {
