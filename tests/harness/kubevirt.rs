@@ -12,7 +12,7 @@
 //!   where its `go` package is.
 //! - Everything built lives in [`CACHE_DIR`] under /var/tmp, which survives reboots: the
 //!   extracted tree (once per tarball), Go's build cache (about 1.3 GB; a cold build of
-//!   virt-launcher takes about 4 minutes on 2 idle cores, a warm one seconds) and the
+//!   virt-launcher takes 4 to 6 minutes on 2 cores, 12 on a busy machine, a warm one seconds) and the
 //!   binaries, each under a key of everything it is built from. A changed Go program or stub
 //!   changes its key and is rebuilt; an unchanged one is used as it is, without running Go.
 //!   CI machines start without it and pay the cold build once.
@@ -54,7 +54,7 @@ const PROJECT_GO_DIR: &str = "tests/kubevirt";
 /// Where the stub goes in the tree, and where it comes from under [`PROJECT_GO_DIR`].
 const NBDCLIENT_IN_TREE: &str = "pkg/storage/nbdclient";
 const NBDCLIENT_STUB: &str = "nbdclient";
-/// A cold build on a busy 2-core machine can take several times the 4 minutes of an idle one.
+/// A cold build took 4 to 6 minutes on 2 cores, 12 on a busy machine; leave room beyond that.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(45 * 60);
 /// Binaries not used for this long are removed when something new is built.
 const UNUSED_BINARY_LIFETIME: Duration = Duration::from_secs(3 * 24 * 3600);
