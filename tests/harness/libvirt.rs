@@ -169,7 +169,11 @@ fn uuid_from(name: &str, purpose: &str) -> String {
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&half(1).to_be_bytes());
     b[8..].copy_from_slice(&half(2).to_be_bytes());
-    // Shape it as a random (version 4, RFC 4122 variant) UUID, like Kubernetes uids.
+    random_uuid_from(b)
+}
+
+/// `bytes` shaped as a random (version 4, RFC 4122 variant) UUID, like Kubernetes uids.
+pub(crate) fn random_uuid_from(mut b: [u8; 16]) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let hex: String = b.iter().fold(String::new(), |mut s, x| {
@@ -877,7 +881,7 @@ fn process_uid(pid: u32) -> Option<u32> {
 }
 
 /// Live processes of `uid` whose command line or environment contains `dir`.
-fn processes_mentioning(uid: u32, dir: &Path) -> Vec<u32> {
+pub(crate) fn processes_mentioning(uid: u32, dir: &Path) -> Vec<u32> {
     let needle = dir.as_os_str().as_encoded_bytes();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
