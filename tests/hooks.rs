@@ -10,6 +10,7 @@ use base64::Engine;
 use e2e::binaries::{Aggregator, Sidecar};
 use e2e::libvirt::{GuestKind, LibvirtDaemon, guest_uid};
 use e2e::tools::{TOOL_TIMEOUT, run_with_timeout, wait_until};
+use launcher_sidecar::hook::DEFINITION_GRACE;
 use serde_json::{Value, json};
 
 const CONTAINER: &str = "hook-sidecar-0";
@@ -181,12 +182,15 @@ fn virt_launcher_can_run_the_whole_hook_sequence_without_libvirt() -> Result<()>
 
     let xml = kubevirt_domain_xml("default", "vm-hooked", "qemu", 1);
     let vmi = vmi_json("default", "vm-hooked");
+    // The first call comes before virt-launcher hands the domain to libvirt: not yet.
+    define(&pod.socket(), newest, xml.as_bytes(), &vmi)?;
+    assert_eq!(aggregator.names()?, Vec::<String>::new());
+    // virt-launcher defines the domain again with its hot-plug ports: libvirt holds it.
     define(&pod.socket(), newest, xml.as_bytes(), &vmi)?;
     aggregator.wait_for_names(&["vm-hooked"], Duration::from_secs(10))?;
     let series = aggregator.series()?;
     assert_eq!(series[0]["hypervisor_type"], "qemu-tcg");
     assert_eq!(series[0]["namespace"], "default");
-    // virt-launcher may define the domain again: same answer, still one series.
     define(&pod.socket(), newest, xml.as_bytes(), &vmi)?;
     assert_eq!(aggregator.names()?, ["vm-hooked"]);
     assert!(
@@ -205,6 +209,31 @@ fn virt_launcher_can_run_the_whole_hook_sequence_without_libvirt() -> Result<()>
     let status = pod.sidecar.wait_exit(Duration::from_secs(10))?;
     assert!(status.success(), "exit after Shutdown: {status}");
     assert_eq!(aggregator.names()?, Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
+fn without_libvirt_a_single_definition_is_reported_after_the_grace_time() -> Result<()> {
+    let aggregator = Aggregator::start("node-1")?;
+    let pod = Pod::start(NO_LIBVIRT, &aggregator)?;
+    pod.info()?;
+    let xml = kubevirt_domain_xml("default", "vm-once", "kvm", 1);
+    define(
+        &pod.socket(),
+        "v1alpha3",
+        xml.as_bytes(),
+        &vmi_json("default", "vm-once"),
+    )?;
+    let defined = Instant::now();
+    aggregator.wait_for_names(&["vm-once"], DEFINITION_GRACE + Duration::from_secs(20))?;
+    let waited = defined.elapsed();
+    eprintln!("one OnDefineDomain without libvirt → series after {waited:?}");
+    assert!(
+        waited >= DEFINITION_GRACE,
+        "reported {waited:?} after the only OnDefineDomain, before the {DEFINITION_GRACE:?} \
+         that a definition may take"
+    );
+    assert_eq!(aggregator.series()?[0]["hypervisor_type"], "kvm");
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use hypervisor_proto::hooks::info::{
@@ -52,11 +53,29 @@ pub fn bind(hooks_dir: &Path, container_name: &str) -> anyhow::Result<(UnixListe
     Ok((listener, path))
 }
 
+/// What virt-launcher's OnDefineDomain calls said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Defined {
+    /// The domain, as the XML describes it, with the uid of the VMI it belongs to.
+    pub domains: Domains,
+    /// Whether libvirt holds the domain by now, as far as the hooks can tell (see
+    /// [`DEFINITION_GRACE`]).
+    pub in_libvirt: bool,
+}
+
+/// virt-launcher calls OnDefineDomain just before it hands the domain to libvirt, and a new
+/// daemon's first definition waits seconds while it probes QEMU. The hooks cannot see that
+/// definition end, but a second call shows it ended: a virt-launcher that can hot-plug PCIe
+/// devices (KubeVirt's default on amd64 and arm64, `allocateHotplugPorts`) defines the
+/// domain, then defines it again with its hot-plug ports, calling the hooks each time. One
+/// that calls once is taken at its word after this long.
+pub const DEFINITION_GRACE: Duration = Duration::from_secs(15);
+
 /// What the hooks tell the rest of the sidecar.
 pub struct Hooks {
-    /// The domain virt-launcher defined, as the OnDefineDomain XML describes it, with
-    /// the uid of the VMI it belongs to.
-    pub defined: watch::Sender<Domains>,
+    /// What virt-launcher defines: the VMI's uid for every report, and the domain to
+    /// report when libvirt is out of reach.
+    pub defined: watch::Sender<Defined>,
     /// virt-launcher defines its domain through libvirt, so at OnDefineDomain the daemon
     /// is up: the libvirt watcher tries at once, and if that fails, libvirt is out of reach.
     pub libvirt_is_up: ConnectNow,
@@ -166,8 +185,19 @@ impl Hooks {
             hypervisor = classified.hypervisor.label(),
             "OnDefineDomain"
         );
-        self.defined
-            .send_replace(Domains::from([(domain_name, domain)]));
+        let again = self.defined.borrow().domains.contains_key(&domain_name);
+        self.defined.send_replace(Defined {
+            domains: Domains::from([(domain_name, domain)]),
+            in_libvirt: again,
+        });
+        if !again {
+            let defined = self.defined.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(DEFINITION_GRACE).await;
+                defined
+                    .send_if_modified(|defined| !std::mem::replace(&mut defined.in_libvirt, true));
+            });
+        }
         self.libvirt_is_up.request();
     }
 

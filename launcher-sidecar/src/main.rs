@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use futures_util::FutureExt;
-use launcher_sidecar::hook::{self, Hooks};
-use launcher_sidecar::libvirt::{ConnectNow, DEFAULT_URIS, Domains, LibvirtView, Watcher};
+use launcher_sidecar::hook::{self, Defined, Hooks};
+use launcher_sidecar::libvirt::{ConnectNow, DEFAULT_URIS, LibvirtView, Watcher};
 use launcher_sidecar::report::{self, AggregatorAddr, Sources};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
 
     let (libvirt_tx, libvirt_rx) = watch::channel(LibvirtView::Pending);
-    let (defined_tx, defined_rx) = watch::channel(Domains::new());
+    let (defined_tx, defined_rx) = watch::channel(Defined::default());
     let (libvirt_is_up, connect_requests) = ConnectNow::channel();
     // Set by SIGTERM, SIGINT or the Shutdown hook.
     let (stop_tx, stop_rx) = watch::channel(false);

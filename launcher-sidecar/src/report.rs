@@ -24,21 +24,22 @@ use tonic::{Code, Streaming};
 use tower::service_fn;
 use tracing::{debug, info, warn};
 
+use crate::hook::Defined;
 use crate::libvirt::{Domains, LibvirtView, RunningDomain};
 
 /// Where the domains to report come from: what runs, from libvirt; who each VMI is,
 /// from the OnDefineDomain hook; and only when libvirt is out of reach, the domain
-/// that the hook described.
+/// that the hook described, once libvirt holds it.
 pub struct Sources {
     libvirt: watch::Receiver<LibvirtView>,
-    hook: watch::Receiver<Domains>,
+    hook: watch::Receiver<Defined>,
     hook_mode_logged: bool,
     /// Domains whose metadata names another uid than their VMI, logged once each.
     uid_conflicts_logged: BTreeSet<String>,
 }
 
 impl Sources {
-    pub fn new(libvirt: watch::Receiver<LibvirtView>, hook: watch::Receiver<Domains>) -> Self {
+    pub fn new(libvirt: watch::Receiver<LibvirtView>, hook: watch::Receiver<Defined>) -> Self {
         Sources {
             libvirt,
             hook,
@@ -66,16 +67,18 @@ impl Sources {
         }
     }
 
-    /// The domains to report now. Nothing before libvirt's first sync, unless libvirt
-    /// is out of reach: a domain that is defined but not yet running is not reported.
+    /// The domains to report now: what runs, as of libvirt's last sync; nothing before the
+    /// first. When libvirt is out of reach, the hook's domain, but only once libvirt holds
+    /// it as far as the hooks can tell.
     fn current(&mut self) -> Domains {
         // Both are marked seen, so that a change of the unused one wakes nobody again.
         let hook = self.hook.borrow_and_update().clone();
         let libvirt = self.libvirt.borrow_and_update().clone();
         match libvirt {
-            LibvirtView::Synced(live) => self.with_vmi_uids(live, &hook),
+            LibvirtView::Synced(live) => self.with_vmi_uids(live, &hook.domains),
+            LibvirtView::Unreachable(_) if !hook.in_libvirt => Domains::new(),
             LibvirtView::Unreachable(reason) => {
-                if !hook.is_empty() && !self.hook_mode_logged {
+                if !hook.domains.is_empty() && !self.hook_mode_logged {
                     self.hook_mode_logged = true;
                     warn!(
                         %reason,
@@ -84,7 +87,7 @@ impl Sources {
                          mounted into this container?)"
                     );
                 }
-                hook
+                hook.domains
             }
             LibvirtView::Pending => Domains::new(),
         }
@@ -469,25 +472,34 @@ mod tests {
     }
 
     /// The hook's description of `default_vm-a`, as OnDefineDomain gives it.
-    fn defined() -> Domains {
+    fn defined_domains() -> Domains {
         Domains::from([("default_vm-a".into(), domain(Some("vmi-uid"), ""))])
+    }
+
+    fn defined(in_libvirt: bool) -> Defined {
+        Defined {
+            domains: defined_domains(),
+            in_libvirt,
+        }
     }
 
     #[test]
     fn a_defined_domain_is_not_reported_while_libvirt_has_not_answered() {
         let (_libvirt, libvirt_rx) = watch::channel(LibvirtView::Pending);
-        let (_hook, hook_rx) = watch::channel(defined());
+        let (_hook, hook_rx) = watch::channel(defined(true));
         let mut sources = Sources::new(libvirt_rx, hook_rx);
         assert_eq!(sources.current(), Domains::new());
     }
 
     #[test]
-    fn libvirt_out_of_reach_falls_back_to_the_hook() {
+    fn libvirt_out_of_reach_falls_back_to_the_hook_once_libvirt_holds_the_domain() {
         let (_libvirt, libvirt_rx) =
             watch::channel(LibvirtView::Unreachable("no such file".into()));
-        let (_hook, hook_rx) = watch::channel(defined());
+        let (hook, hook_rx) = watch::channel(defined(false));
         let mut sources = Sources::new(libvirt_rx, hook_rx);
-        assert_eq!(sources.current(), defined());
+        assert_eq!(sources.current(), Domains::new());
+        hook.send_replace(defined(true));
+        assert_eq!(sources.current(), defined_domains());
     }
 
     #[test]
@@ -497,7 +509,7 @@ mod tests {
             ("default_vm-b".into(), domain(None, "7.2.22")),
         ]);
         let (libvirt, libvirt_rx) = watch::channel(LibvirtView::Synced(live));
-        let (_hook, hook_rx) = watch::channel(defined());
+        let (_hook, hook_rx) = watch::channel(defined(false));
         let mut sources = Sources::new(libvirt_rx, hook_rx);
         let current = sources.current();
         assert_eq!(current["default_vm-a"], domain(Some("vmi-uid"), "7.2.22"));
