@@ -75,7 +75,7 @@ impl Node {
 
     /// A launcher pod for `vmi` whose sidecar reports to this node's aggregator.
     fn pod(&self, config: PodConfig, vmi: Vmi) -> Result<LauncherPod> {
-        LauncherPod::start(config, &vmi, &self.aggregator.grpc_url())
+        LauncherPod::start(config, &vmi)
     }
 
     /// The VMI's series on /metrics now.
@@ -827,12 +827,8 @@ fn a_hook_sidecar_that_starts_after_virt_launcher_is_still_collected() -> Result
     let vmi = node.vmi("default", "vm-late-sidecar");
     // Containers of a pod start in no guaranteed order; virt-launcher polls for the hook
     // sockets before it starts anything.
-    let mut pod = LauncherPod::start_with(
-        PodConfig::new(Mode::NonRoot),
-        &vmi,
-        &node.aggregator.grpc_url(),
-        Duration::from_secs(3),
-    )?;
+    let mut pod =
+        LauncherPod::start_with(PodConfig::new(Mode::NonRoot), &vmi, Duration::from_secs(3))?;
     run_and_check(scenario, &node, &mut pod, HypervisorType::Kvm)?;
     kill_and_check_cleanup(&node, &mut pod)
 }

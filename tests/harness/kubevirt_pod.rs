@@ -45,6 +45,7 @@
 //! owning test process is gone is removed by the next run. Mounts vanish with the namespaces.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write as _};
@@ -129,19 +130,15 @@ pub struct Vmi {
 }
 
 impl Vmi {
-    /// 128 MiB, no network (outside a cluster there is no pod network to bind), the hook
-    /// sidecar annotation, a random uid as the API server would give it, and, on hosts
-    /// that need it, CPU model kvm64 (see [`host_needs_kvm64`]).
-    pub fn new(namespace: &str, name: &str, aggregator: &str) -> Self {
+    /// 128 MiB, no network (outside a cluster there is no pod network to bind), no
+    /// annotations, a random uid as the API server would give it, and, on hosts that need
+    /// it, CPU model kvm64 (see [`host_needs_kvm64`]).
+    pub fn bare(namespace: &str, name: &str) -> Self {
         let uid = random_uuid();
         let mut cpu = json!({});
         if host_needs_kvm64() {
             cpu = json!({"model": "kvm64"});
         }
-        let sidecars = json!([{
-            "image": "registry.example/kubevirt-hypervisor-metric/launcher-sidecar:test",
-            "args": ["--aggregator", aggregator],
-        }]);
         Vmi {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -149,12 +146,7 @@ impl Vmi {
             json: json!({
                 "apiVersion": "kubevirt.io/v1",
                 "kind": "VirtualMachineInstance",
-                "metadata": {
-                    "namespace": namespace,
-                    "name": name,
-                    "uid": uid,
-                    "annotations": {"hooks.kubevirt.io/hookSidecars": sidecars.to_string()},
-                },
+                "metadata": {"namespace": namespace, "name": name, "uid": uid},
                 "spec": {
                     "domain": {
                         "cpu": cpu,
@@ -165,6 +157,19 @@ impl Vmi {
                 },
             }),
         }
+    }
+
+    /// A [`bare`](Self::bare) VMI with the hook sidecar annotation, written by hand: the
+    /// launcher-sidecar, reporting to `aggregator`.
+    pub fn new(namespace: &str, name: &str, aggregator: &str) -> Self {
+        let mut vmi = Self::bare(namespace, name);
+        let sidecars = json!([{
+            "image": "registry.example/kubevirt-hypervisor-metric/launcher-sidecar:test",
+            "args": ["--aggregator", aggregator],
+        }]);
+        vmi.json["metadata"]["annotations"] =
+            json!({"hooks.kubevirt.io/hookSidecars": sidecars.to_string()});
+        vmi
     }
 
     /// The libvirt domain name: `<namespace>_<name>`.
@@ -639,18 +644,16 @@ impl LauncherPod {
     /// Lays the pod out and starts its containers (hook sidecar first, then compute, as a
     /// kubelet may), the handler, and waits until virt-launcher answers on its command
     /// socket and the handler follows libvirt's events. The VMI is not synced yet.
-    pub fn start(config: PodConfig, vmi: &Vmi, aggregator: &str) -> Result<Self> {
-        Self::start_with(config, vmi, aggregator, Duration::ZERO)
+    /// `hook-sidecar-0` runs what the VMI's `hooks.kubevirt.io/hookSidecars` annotation
+    /// asks for, as KubeVirt reads it: its one entry must name a `launcher-sidecar` image
+    /// (this repository's binary stands in for it), whose `args` it gets.
+    pub fn start(config: PodConfig, vmi: &Vmi) -> Result<Self> {
+        Self::start_with(config, vmi, Duration::ZERO)
     }
 
     /// As [`start`](Self::start), with the sidecar container starting `sidecar_delay`
     /// after the compute container.
-    pub fn start_with(
-        config: PodConfig,
-        vmi: &Vmi,
-        aggregator: &str,
-        sidecar_delay: Duration,
-    ) -> Result<Self> {
+    pub fn start_with(config: PodConfig, vmi: &Vmi, sidecar_delay: Duration) -> Result<Self> {
         ensure_root()?;
         sweep_stale_pods();
         let programs = go_programs(&PROGRAMS)?;
@@ -663,20 +666,21 @@ impl LauncherPod {
             .context("writing the pod's owner file")?;
         let layout = Layout { dir };
         lay_out(&layout, &config, &programs)?;
-        write_compute_script(&layout, &config, vmi)?;
-        write_sidecar_script(&layout, &config, &sidecar_binary, aggregator)?;
 
         let kubevirt_config = if config.use_emulation {
             json!({"developerConfiguration": {"useEmulation": true}})
         } else {
             json!({})
         };
-        let handler = Handler::start(
+        let mut handler = Handler::start(
             programs.path("kvhm-handler"),
             &layout,
             config.mode,
             &kubevirt_config,
         )?;
+        let sidecar_args = launcher_sidecar_args(&mut handler, vmi)?;
+        write_compute_script(&layout, &config, vmi)?;
+        write_sidecar_script(&layout, &config, &sidecar_binary, &sidecar_args)?;
         let (sidecar, compute) = if sidecar_delay.is_zero() {
             let sidecar = start_sidecar(&layout, 1)?;
             (sidecar, start_compute(&layout)?)
@@ -1045,8 +1049,12 @@ const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 /// The environment KubeVirt gives non-root containers.
 const NON_ROOT_ENV: &str = "XDG_CACHE_HOME=/var/run/kubevirt-private XDG_CONFIG_HOME=/var/run/kubevirt-private XDG_RUNTIME_DIR=/var/run";
 
-fn quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+/// One word for the shell, quoted.
+fn quote(word: impl AsRef<OsStr>) -> String {
+    format!(
+        "'{}'",
+        word.as_ref().to_string_lossy().replace('\'', r"'\''")
+    )
 }
 
 fn write_compute_script(layout: &Layout, config: &PodConfig, vmi: &Vmi) -> Result<()> {
@@ -1058,24 +1066,24 @@ fn write_compute_script(layout: &Layout, config: &PodConfig, vmi: &Vmi) -> Resul
         let _ = writeln!(
             s,
             "mkdir -p {mount} && mount --bind {} {mount}",
-            quote(&layout.volume(name))
+            quote(layout.volume(name))
         );
     }
     for volume in config.host_disks.keys() {
         let _ = writeln!(
             s,
             "mount --bind {} /run/kubevirt-private/vmi-disks/{volume}",
-            quote(&layout.path().join("disks").join(volume))
+            quote(layout.path().join("disks").join(volume))
         );
     }
     let c = layout.compute();
     let _ = writeln!(
         s,
         "mount --bind {} /etc/libvirt",
-        quote(&c.join("etc-libvirt"))
+        quote(c.join("etc-libvirt"))
     );
-    let _ = writeln!(s, "mount --bind {} /etc/passwd", quote(&c.join("passwd")));
-    let _ = writeln!(s, "mount --bind {} /etc/group", quote(&c.join("group")));
+    let _ = writeln!(s, "mount --bind {} /etc/passwd", quote(c.join("passwd")));
+    let _ = writeln!(s, "mount --bind {} /etc/group", quote(c.join("group")));
     for dir in ["usr/bin", "usr/sbin"] {
         let _ = writeln!(
             s,
@@ -1177,11 +1185,47 @@ fn device_script(kvm: bool) -> Result<String> {
     Ok(s)
 }
 
+/// The `args` of the VMI's one hook sidecar, read by KubeVirt's own code; see
+/// [`LauncherPod::start`].
+fn launcher_sidecar_args(handler: &mut Handler, vmi: &Vmi) -> Result<Vec<String>> {
+    let answer = handler.call(
+        json!({"command": "hookSidecars", "vmi": vmi.json}),
+        COMMAND_TIMEOUT,
+    )?;
+    let sidecars = answer["sidecars"].as_array().cloned().unwrap_or_default();
+    let [sidecar] = sidecars.as_slice() else {
+        bail!(
+            "the harness runs one hook sidecar, the VMI asks for {}: {sidecars:?}",
+            sidecars.len()
+        );
+    };
+    let image = sidecar["image"].as_str().unwrap_or_default();
+    let repository = image.split(['@', ':']).next().unwrap_or_default();
+    ensure!(
+        repository.rsplit('/').next() == Some("launcher-sidecar"),
+        "the VMI's hook sidecar image {image:?} is not a launcher-sidecar"
+    );
+    ensure!(
+        sidecar["command"].is_null(),
+        "the VMI's hook sidecar replaces the image's entrypoint: {sidecar}"
+    );
+    sidecar["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|arg| {
+            arg.as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("a hook sidecar argument that is not a string: {arg}"))
+        })
+        .collect()
+}
+
 fn write_sidecar_script(
     layout: &Layout,
     config: &PodConfig,
     sidecar: &Path,
-    aggregator: &str,
+    args: &[String],
 ) -> Result<()> {
     let mut s =
         format!("# Container {SIDECAR} of a virt-launcher pod (tests/harness/kubevirt_pod.rs).\n");
@@ -1189,13 +1233,13 @@ fn write_sidecar_script(
     let _ = writeln!(
         s,
         "mkdir -p /run/kubevirt-hooks && mount --bind {} /run/kubevirt-hooks",
-        quote(&layout.volume("hook-sidecar-sockets").join(SIDECAR))
+        quote(layout.volume("hook-sidecar-sockets").join(SIDECAR))
     );
     if config.libvirt_mount {
         let _ = writeln!(
             s,
             "mkdir -p /run/libvirt && mount --bind {} /run/libvirt && mount -o remount,bind,ro /run/libvirt",
-            quote(&layout.volume("libvirt-runtime"))
+            quote(layout.volume("libvirt-runtime"))
         );
     }
     let (privileges, env) = match config.mode {
@@ -1211,11 +1255,13 @@ fn write_sidecar_script(
             "",
         ),
     };
+    let args: Vec<String> = args.iter().map(quote).collect();
     let _ = writeln!(
         s,
         "cd /\nexec {privileges} env -i PATH={CONTAINER_PATH} HOME=/ CONTAINER_NAME={SIDECAR} RUST_LOG=info {env} \
-         {} --aggregator {aggregator}",
-        quote(sidecar)
+         {} {}",
+        quote(sidecar),
+        args.join(" ")
     );
     fs::write(layout.path().join(format!("{SIDECAR}.sh")), s).context("writing the sidecar script")
 }

@@ -7,6 +7,8 @@
 //     final delete notification reach it as in a cluster;
 //   - it defaults the VMI as virt-api's mutating webhook does (pkg/defaults) for a KubeVirt
 //     configuration given on the command line;
+//   - it reads a VMI's hook sidecars as virt-controller does when it renders the pod
+//     (pkg/hooks), so the test starts the sidecar container the annotation asks for;
 //   - it drives virt-launcher through virt-handler's client (pkg/virt-handler/cmd-client);
 //   - like virt-handler, it deletes the domain once it is no longer alive, which is what
 //     lets virt-launcher send its final delete notification and exit;
@@ -42,6 +44,7 @@ import (
 	"kubevirt.io/client-go/log"
 
 	"kubevirt.io/kubevirt/pkg/defaults"
+	"kubevirt.io/kubevirt/pkg/hooks"
 	cmdv1 "kubevirt.io/kubevirt/pkg/handler-launcher-com/cmd/v1"
 	"kubevirt.io/kubevirt/pkg/testutils"
 	virtconfig "kubevirt.io/kubevirt/pkg/virt-config"
@@ -266,6 +269,17 @@ func (h *handler) execute(cmd *command) (map[string]any, error) {
 			return nil, err
 		}
 		return nil, client.SyncVirtualMachine(vmi, h.options(vmi))
+	case "hookSidecars":
+		// What virt-controller reads to render the pod's hook-sidecar-<i> containers.
+		vmi := &v1.VirtualMachineInstance{}
+		if err := json.Unmarshal(cmd.VMI, vmi); err != nil {
+			return nil, fmt.Errorf("reading the VMI: %w", err)
+		}
+		sidecars, err := hooks.UnmarshalHookSidecarList(vmi)
+		if err != nil {
+			return nil, fmt.Errorf("reading the %s annotation: %w", hooks.HookSidecarListAnnotationName, err)
+		}
+		return map[string]any{"sidecars": sidecars}, nil
 	case "getDomain":
 		client, _, err := h.current()
 		if err != nil {
