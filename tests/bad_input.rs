@@ -71,6 +71,20 @@ async fn connect(aggregator: &Aggregator) -> Result<Channel> {
         .with_context(|| format!("connecting to {}", aggregator.grpc_url()))
 }
 
+/// The well-behaved client whose series the bad input must leave alone: `vm-legit`, on
+/// /metrics by the time this returns.
+fn legit_reporter(rt: &Runtime, aggregator: &Aggregator) -> Result<Reporter> {
+    let legit = rt.block_on(async {
+        let mut legit = Reporter::open(connect(aggregator).await?).await?;
+        legit
+            .report(domain("default", "vm-legit", HypervisorType::Kvm))
+            .await?;
+        anyhow::Ok(legit)
+    })?;
+    aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
+    Ok(legit)
+}
+
 /// A report stream driven by the test: each `send` waits for its ack.
 struct Reporter {
     requests: mpsc::Sender<DomainReport>,
@@ -408,14 +422,7 @@ fn garbage_and_half_written_http2_on_both_ports() -> Result<()> {
     )?;
     let grpc = aggregator.grpc_addr();
     let metrics = aggregator.metrics_target();
-    let mut legit = rt.block_on(async {
-        let mut legit = Reporter::open(connect(&aggregator).await?).await?;
-        legit
-            .report(domain("default", "vm-legit", HypervisorType::Kvm))
-            .await?;
-        anyhow::Ok(legit)
-    })?;
-    aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
+    let mut legit = legit_reporter(&rt, &aggregator)?;
 
     let mut rng = fastrand::Rng::with_seed(0x6b76_686d);
     let started = Instant::now();
@@ -765,14 +772,7 @@ fn ten_thousand_streams_from_one_client() -> Result<()> {
             "256",
         ],
     )?;
-    let mut legit = rt.block_on(async {
-        let mut legit = Reporter::open(connect(&aggregator).await?).await?;
-        legit
-            .report(domain("default", "vm-legit", HypervisorType::Kvm))
-            .await?;
-        anyhow::Ok(legit)
-    })?;
-    aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
+    let mut legit = legit_reporter(&rt, &aggregator)?;
     // Warm the paths the flood uses before measuring the baseline.
     aggregator.metrics()?;
     let baseline = aggregator.rss_bytes()?;
@@ -969,14 +969,7 @@ fn connection_floods_leave_the_aggregator_no_larger() -> Result<()> {
     // Started after raising the limit, which it inherits.
     let aggregator = Aggregator::start("node-1")?;
     let (grpc, metrics) = (aggregator.grpc_addr(), aggregator.metrics_target());
-    let mut legit = rt.block_on(async {
-        let mut legit = Reporter::open(connect(&aggregator).await?).await?;
-        legit
-            .report(domain("default", "vm-legit", HypervisorType::Kvm))
-            .await?;
-        anyhow::Ok(legit)
-    })?;
-    aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
+    let mut legit = legit_reporter(&rt, &aggregator)?;
     aggregator.metrics()?;
     let (baseline, _) = settled_rss(&aggregator, u64::MAX, ANSWER)?;
     let bound = baseline + (8 << 20);
