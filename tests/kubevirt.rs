@@ -428,7 +428,6 @@ fn run_and_check(
     hypervisor: HypervisorType,
 ) -> Result<Start> {
     let start = start_vm(pod)?;
-    let vmi = pod.vmi().clone();
     // What KubeVirt's converter made of the VMI, as virt-launcher tells virt-handler.
     let domain_type = pod.domain_type()?;
     let expected = match hypervisor {
@@ -440,16 +439,32 @@ fn run_and_check(
         domain_type == expected,
         "virt-launcher defined a {domain_type:?} domain, the scenario expects {expected:?}"
     );
-    node.wait_exposed(&vmi, true, pod)?;
-    node.assert_series(&vmi, hypervisor, DomainState::Running, true, true)?;
+    check_running_series(scenario, "domain running", node, pod, &start, hypervisor)?;
+    Ok(start)
+}
+
+/// Checks that the pod's series reaches /metrics and Inventory/List, keeps the domain
+/// running for [`HOLD`], checks that the series appeared once, once the domain ran, and
+/// stayed; prints how long it took from `running` (what the domain's start was) to /metrics.
+fn check_running_series(
+    scenario: &str,
+    running: &str,
+    node: &Node,
+    pod: &LauncherPod,
+    start: &Start,
+    hypervisor: HypervisorType,
+) -> Result<()> {
+    let vmi = pod.vmi();
+    node.wait_exposed(vmi, true, pod)?;
+    node.assert_series(vmi, hypervisor, DomainState::Running, true, true)?;
     hold(start.running);
-    let latency = node.assert_reported_once_running(pod, &start, SystemTime::now())?;
-    node.assert_series(&vmi, hypervisor, DomainState::Running, true, true)?;
+    let latency = node.assert_reported_once_running(pod, start, SystemTime::now())?;
+    node.assert_series(vmi, hypervisor, DomainState::Running, true, true)?;
     note(
         scenario,
-        format!("domain running → series on /metrics: {latency:.0?}"),
+        format!("{running} → series on /metrics: {latency:.0?}"),
     );
-    Ok(start)
+    Ok(())
 }
 
 /// Waits until the pod's series is back on /metrics after `what` happened at `since`, and
@@ -720,14 +735,14 @@ fn a_vmi_started_paused_has_no_series_until_it_is_unpaused() -> Result<()> {
         defined,
         running: pod.wait_libvirt("resumed", unpaused, LIBVIRT_EVENT)?,
     };
-    node.wait_exposed(&vmi, true, &pod)?;
-    node.assert_series(&vmi, HypervisorType::Kvm, DomainState::Running, true, true)?;
-    hold(start.running);
-    let latency = node.assert_reported_once_running(&pod, &start, SystemTime::now())?;
-    note(
+    check_running_series(
         scenario,
-        format!("domain running (unpaused) → series on /metrics: {latency:.0?}"),
-    );
+        "domain running (unpaused)",
+        &node,
+        &pod,
+        &start,
+        HypervisorType::Kvm,
+    )?;
     kill_and_check_cleanup(&node, &mut pod)
 }
 
