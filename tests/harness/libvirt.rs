@@ -61,7 +61,7 @@ const OWNER_FILE: &str = "harness-owner.pid";
 
 /// Generous: a first start on a machine without a valid capabilities cache probes QEMU
 /// (about 8 s alone, more when parallel tests compete for 2 cores).
-const START_TIMEOUT: Duration = Duration::from_secs(120);
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 const PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -93,10 +93,27 @@ impl GuestKind {
     }
 }
 
+/// KubeVirt's non-root user (`qemu`, uid and gid 107 in its images).
+pub const KUBEVIRT_QEMU_UID: u32 = 107;
+
+/// Who a daemon and its QEMUs run as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonUser {
+    /// [`TEST_USER`], with its groups (kvm).
+    TestUser,
+    /// KubeVirt's non-root `qemu` ([`KUBEVIRT_QEMU_UID`], in group kvm), as in a
+    /// virt-launcher pod. The uid may be free or someone else's on this machine, and libvirt
+    /// looks the user up before it starts a guest, so the daemon runs in a mount namespace of
+    /// its own whose /etc/passwd and /etc/group name it; nothing of the machine changes.
+    KubevirtQemu,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct TestUser {
     uid: u32,
     gid: u32,
+    /// The kvm group for a user that /etc/group does not list (KubeVirt's `qemu`).
+    kvm_gid: Option<u32>,
 }
 
 impl TestUser {
@@ -105,10 +122,39 @@ impl TestUser {
         [
             format!("--reuid={}", self.uid),
             format!("--regid={}", self.gid),
-            "--init-groups".to_owned(),
+            match self.kvm_gid {
+                Some(kvm) => format!("--groups={kvm}"),
+                None => "--init-groups".to_owned(),
+            },
             "--".to_owned(),
         ]
     }
+
+    fn of(user: DaemonUser) -> Result<Self> {
+        match user {
+            DaemonUser::TestUser => test_user(),
+            DaemonUser::KubevirtQemu => {
+                test_user()?; // the same preconditions: root, `make deps`
+                Ok(TestUser {
+                    uid: KUBEVIRT_QEMU_UID,
+                    gid: KUBEVIRT_QEMU_UID,
+                    kvm_gid: Some(kvm_gid()?),
+                })
+            }
+        }
+    }
+}
+
+/// The gid of group kvm on this machine.
+fn kvm_gid() -> Result<u32> {
+    let group = fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    group
+        .lines()
+        .find_map(|l| l.strip_prefix("kvm:"))
+        .and_then(|rest| rest.split(':').nth(1))
+        .context("no group kvm; `make deps` creates it")?
+        .parse()
+        .context("parsing the gid of group kvm")
 }
 
 fn test_user() -> Result<TestUser> {
@@ -145,6 +191,7 @@ fn lookup_test_user() -> Result<TestUser> {
     Ok(TestUser {
         uid: id("-u")?,
         gid: id("-g")?,
+        kvm_gid: None,
     })
 }
 
@@ -173,7 +220,7 @@ fn uuid_from(name: &str, purpose: &str) -> String {
 }
 
 /// `bytes` shaped as a random (version 4, RFC 4122 variant) UUID, like Kubernetes uids.
-pub(crate) fn random_uuid_from(mut b: [u8; 16]) -> String {
+fn random_uuid_from(mut b: [u8; 16]) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let hex: String = b.iter().fold(String::new(), |mut s, x| {
@@ -233,6 +280,8 @@ pub fn guest_xml(name: &str, kind: GuestKind) -> String {
 /// its directories and removes them, also while a test panics.
 pub struct LibvirtDaemon {
     user: TestUser,
+    /// [`DaemonUser::KubevirtQemu`]: the daemon's own /etc/passwd and /etc/group.
+    user_files: bool,
     dir: tempfile::TempDir,
     daemon: Option<Child>,
 }
@@ -240,34 +289,7 @@ pub struct LibvirtDaemon {
 impl LibvirtDaemon {
     /// Starts a daemon in a fresh temporary directory and waits until it answers.
     pub fn start() -> Result<Self> {
-        let user = test_user()?;
-        sweep_stale_dirs(user);
-        start_reaper();
-
-        let dir = tempfile::Builder::new()
-            .prefix(DIR_PREFIX)
-            .tempdir_in(BASE_DIR)
-            .with_context(|| format!("creating a daemon directory in {BASE_DIR}"))?;
-        fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
-            .context("writing the owner pid file")?;
-        let mut this = LibvirtDaemon {
-            user,
-            dir,
-            daemon: None,
-        };
-        // From here on, a failure drops `this`, which cleans up whatever got started.
-        for d in [
-            this.dir.path().to_path_buf(),
-            this.runtime_dir(),
-            this.config_home(),
-            this.cache_home(),
-            this.home(),
-        ] {
-            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-            this.give_to_user(&d, 0o700)?;
-        }
-        this.write_host_uuid()?;
-
+        let mut this = Self::create(DaemonUser::TestUser)?;
         // The first daemon of this process may have to probe QEMU; let the others wait for its
         // results instead of all probing at once on 2 cores.
         static CAPS_SAVED: Mutex<bool> = Mutex::new(false);
@@ -286,6 +308,95 @@ impl LibvirtDaemon {
             *saved = true;
         }
         Ok(this)
+    }
+
+    /// A daemon's directories, owned by `user`, with nothing in its cache, so that once
+    /// [`launch`](Self::launch)ed it probes QEMU on its first calls and answers them seconds
+    /// late, as a new virt-launcher's does.
+    pub fn fresh(user: DaemonUser) -> Result<Self> {
+        Self::create(user)
+    }
+
+    /// Starts the daemon of [`fresh`](Self::fresh) and returns as soon as the process runs;
+    /// the first `virsh` call waits for it (give it [`START_TIMEOUT`] with
+    /// [`virsh_with_timeout`](Self::virsh_with_timeout)).
+    pub fn launch(&mut self) -> Result<()> {
+        self.spawn_daemon()
+    }
+
+    /// The daemon's directories, owned by `user`; no daemon yet.
+    fn create(user: DaemonUser) -> Result<Self> {
+        let identity = TestUser::of(user)?;
+        sweep_stale_dirs();
+        start_reaper();
+
+        let dir = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir_in(BASE_DIR)
+            .with_context(|| format!("creating a daemon directory in {BASE_DIR}"))?;
+        fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
+            .context("writing the owner pid file")?;
+        let this = LibvirtDaemon {
+            user: identity,
+            user_files: user == DaemonUser::KubevirtQemu,
+            dir,
+            daemon: None,
+        };
+        // From here on, a failure drops `this`, which cleans up whatever got started.
+        for d in [
+            this.dir.path().to_path_buf(),
+            this.runtime_dir(),
+            this.config_home(),
+            this.cache_home(),
+            this.home(),
+        ] {
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            this.give_to_user(&d, 0o700)?;
+        }
+        this.write_host_uuid()?;
+        if this.user_files {
+            this.write_user_files()?;
+        }
+        Ok(this)
+    }
+
+    /// /etc/passwd and /etc/group for the daemon's mount namespace: the machine's, with
+    /// KubeVirt's `qemu` (in group kvm) in place of whatever held its uid or name.
+    fn write_user_files(&self) -> Result<()> {
+        let uid = self.user.uid.to_string();
+        let ours = |line: &str| {
+            let mut fields = line.split(':');
+            let name = fields.next().unwrap_or_default();
+            name == "qemu" || fields.nth(1) == Some(uid.as_str())
+        };
+        let passwd = fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
+        let mut out: String = passwd
+            .lines()
+            .filter(|l| !ours(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        out.push_str(&format!("qemu:x:{uid}:{uid}:qemu user:/:/sbin/nologin\n"));
+        fs::write(self.dir.path().join("passwd"), out).context("writing the daemon's passwd")?;
+
+        let group = fs::read_to_string("/etc/group").context("reading /etc/group")?;
+        let mut out = String::new();
+        for line in group.lines().filter(|l| !ours(l)) {
+            if line.starts_with("kvm:") {
+                let sep = if line.ends_with(':') { "" } else { "," };
+                out.push_str(&format!("{line}{sep}qemu\n"));
+            } else {
+                out.push_str(&format!("{line}\n"));
+            }
+        }
+        out.push_str(&format!("qemu:x:{uid}:\n"));
+        fs::write(self.dir.path().join("group"), out).context("writing the daemon's group")?;
+        for file in ["passwd", "group"] {
+            fs::set_permissions(
+                self.dir.path().join(file),
+                fs::Permissions::from_mode(0o644),
+            )?;
+        }
+        Ok(())
     }
 
     /// Each daemon plays its own host: libvirt refuses to migrate a guest to the host it is
@@ -356,6 +467,23 @@ impl LibvirtDaemon {
     /// The daemon's `XDG_RUNTIME_DIR` (sockets, pidfiles, QEMU status XML).
     pub fn runtime_dir(&self) -> PathBuf {
         self.dir.path().join("run")
+    }
+
+    /// `$XDG_RUNTIME_DIR/libvirt`, where the daemon puts its sockets: a virt-launcher pod's
+    /// `libvirt-runtime` volume. Made now, owned by the daemon's user, so that it can be
+    /// mounted before the daemon starts, as an emptyDir is.
+    pub fn libvirt_runtime_dir(&self) -> Result<PathBuf> {
+        let dir = self.runtime_dir().join("libvirt");
+        if !dir.is_dir() {
+            fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            self.give_to_user(&dir, 0o700)?;
+        }
+        Ok(dir)
+    }
+
+    /// The uid the daemon and its QEMUs run as.
+    pub fn uid(&self) -> u32 {
+        self.user.uid
     }
 
     /// libvirtd's stdout and stderr, across restarts.
@@ -479,8 +607,19 @@ impl LibvirtDaemon {
             .with_context(|| format!("writing {}", log_path.display()))?;
         let cpu = first_allowed_cpu()?;
 
-        // taskset and setpriv both exec, so the child's pid is libvirtd's.
-        let mut cmd = Command::new("taskset");
+        // unshare, sh, taskset and setpriv all exec, so the child's pid is libvirtd's.
+        let mut cmd = if self.user_files {
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+                .arg(r#"mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/group && shift 2 && exec "$@""#)
+                .arg("sh")
+                .arg(self.dir.path().join("passwd"))
+                .arg(self.dir.path().join("group"))
+                .arg("taskset");
+            cmd
+        } else {
+            Command::new("taskset")
+        };
         cmd.arg("--cpu-list")
             .arg(cpu.to_string())
             .arg("setpriv")
@@ -492,9 +631,12 @@ impl LibvirtDaemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating the log file handle")?)
             .stderr(log);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting libvirtd as {TEST_USER} via taskset and setpriv"))?;
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting libvirtd as uid {} via taskset and setpriv",
+                self.user.uid
+            )
+        })?;
         self.daemon = Some(child);
         Ok(())
     }
@@ -554,7 +696,9 @@ impl LibvirtDaemon {
         self.virsh_with_timeout(args, VIRSH_TIMEOUT)
     }
 
-    fn virsh_with_timeout(&self, args: &[&str], timeout: Duration) -> Result<String> {
+    /// [`virsh`](Self::virsh) with another timeout: a fresh daemon's first answers wait for
+    /// its QEMU probe.
+    pub fn virsh_with_timeout(&self, args: &[&str], timeout: Duration) -> Result<String> {
         let mut cmd = Command::new("virsh");
         cmd.arg("-c")
             .arg(self.uri())
@@ -902,7 +1046,12 @@ pub(crate) fn processes_mentioning(uid: u32, dir: &Path) -> Vec<u32> {
 /// Cleans up after test processes that died without running their drops (killed by a
 /// timeout, say): their daemon directories still exist, with an owner pid that is gone.
 /// Runs once per test process.
-fn sweep_stale_dirs(user: TestUser) {
+fn sweep_stale_dirs() {
+    let uids: Vec<u32> = test_user()
+        .map(|u| u.uid)
+        .into_iter()
+        .chain([KUBEVIRT_QEMU_UID])
+        .collect();
     static SWEPT: OnceLock<()> = OnceLock::new();
     SWEPT.get_or_init(|| {
         let Ok(entries) = fs::read_dir(BASE_DIR) else {
@@ -919,8 +1068,10 @@ fn sweep_stale_dirs(user: TestUser) {
             if process_alive(owner) {
                 continue;
             }
-            for pid in processes_mentioning(user.uid, &path) {
-                sigkill(pid);
+            for &uid in &uids {
+                for pid in processes_mentioning(uid, &path) {
+                    sigkill(pid);
+                }
             }
             let _ = fs::remove_dir_all(&path);
         }

@@ -1,19 +1,27 @@
 //! The enrollment policy (manifests/base/enrollment-admissionpolicy.yaml) on
-//! VirtualMachineInstances: its CEL run by [`admit`] on VMIs as KubeVirt creates them, the
-//! resulting annotation parsed the way KubeVirt parses it, and KubeVirt's own definitions
-//! read from its source.
+//! VirtualMachineInstances: its CEL run by [`admit`] on VMIs as KubeVirt creates them (the
+//! VMIs that KubeVirt's virt-controller made of recorded VirtualMachines, in `vmi-from-vm/` of
+//! the KubeVirt recordings), the resulting annotation parsed the way KubeVirt parses it, and
+//! KubeVirt's own definitions checked against its recorded facts.
 
 use super::admission::{Outcome, Request, admit};
-use super::kubevirt_source::{
-    FEATURE_GATES, FEATURE_GATES_ACTIVE, VM_CONTROLLER, VMI_CREATE_ADMITTER, VMI_STATS,
-    hook_sidecar_keys, kubevirt_file,
-};
+use super::kubevirt_facts::{fact, hook_sidecar_keys, recordings_dir};
 use super::*;
 
 const ANNOTATION: &str = "hooks.kubevirt.io/hookSidecars";
 const ENROLL_LABEL: &str = "kubevirt-hypervisor-metric/enroll";
 /// What the policy's variables hold before kustomize writes the settings into them.
 const UNSET: &str = "set-by-kustomize";
+/// The fact that lists what virt-controller's startVMI adds to the VMI it creates.
+const START_VMI: &str =
+    "what virt-controller adds to SetupVMIFromVM's VMI before it creates it (startVMI)";
+/// The steps of startVMI that the recorded VMIs carry, as the fact names them.
+const START_VMI_STEPS: [&str; 4] = [
+    "annotation kubevirt.io/vm-generation",
+    "finalizer kubevirt.io/virtualMachineControllerFinalize",
+    "AutoAttachInputDevice",
+    "the default pod network interface (SetDefaultNetworkInterface)",
+];
 
 /// The settings the enrollment adds: (image, aggregator), from enrollment-settings.yaml.
 fn settings(resources: &[Resource]) -> Result<(String, String)> {
@@ -101,26 +109,172 @@ fn namespace(name: &str, labels: Value) -> Value {
            "metadata": {"name": name, "labels": labels}})
 }
 
-/// The VirtualMachineInstance that virt-controller creates to start `vm`, printed by
-/// KubeVirt's own code (tests/kubevirt/cmd/kvhm-vmi-from-vm: `SetupVMIFromVM` and what the
-/// VM controller adds before it creates the VMI). `vm` gets the uid and generation the API
-/// server would have given it.
-fn vmi_from_vm(vm: &Value) -> Result<Value> {
-    let programs = e2e::kubevirt::go_programs(&["kvhm-vmi-from-vm"])?;
-    let mut vm = vm.clone();
-    vm["metadata"]["uid"] = json!("6f0b6f3e-1d1c-4c4f-9a43-2b1e8d1d6a10");
-    vm["metadata"]["generation"] = json!(1);
-    let cmd = Command::new(programs.path("kvhm-vmi-from-vm"));
-    let input = serde_json::to_vec(&vm)?;
-    let out = run_with_timeout(cmd, Some(&input), TOOL_TIMEOUT, "kvhm-vmi-from-vm")?;
-    ensure!(
-        out.status.success(),
-        "kvhm-vmi-from-vm: {}",
-        output_text(&out)
-    );
-    serde_json::from_str(&out.stdout).context("kvhm-vmi-from-vm printed no JSON")
+/// What the policy must do with a recorded VMI.
+#[derive(Clone, Copy)]
+enum Want {
+    /// Enrolled: its own hook sidecars (those of its VM's template), then ours.
+    Enroll,
+    /// Left out by this selector or matchCondition (a prefix of the reason).
+    Skip(&'static str),
 }
 
+/// Every example of `vmi-from-vm/`: (its name, what it shows, what the base policy does with
+/// it, what the opt-in component does with it). The directory must hold exactly these.
+const RECORDED: [(&str, &str, Want, Want); 5] = [
+    (
+        "example",
+        "the VMI of the examples' VirtualMachine, without any annotation of its own",
+        Want::Enroll,
+        Want::Skip("matchCondition opted-in"),
+    ),
+    (
+        "example-opted-in",
+        "a VMI labelled enroll=true (from its VM's template)",
+        Want::Enroll,
+        Want::Enroll,
+    ),
+    (
+        "example-opted-out",
+        "a VMI labelled enroll=false (from its VM's template)",
+        Want::Skip("policy objectSelector"),
+        Want::Skip("policy objectSelector"),
+    ),
+    (
+        "fedora",
+        "a VM with labels of its own and a masquerade interface, in another namespace",
+        Want::Enroll,
+        Want::Skip("matchCondition opted-in"),
+    ),
+    (
+        "other-sidecar",
+        "a VM whose template asks for another project's hook sidecar",
+        Want::Enroll,
+        Want::Skip("matchCondition opted-in"),
+    ),
+];
+
+/// A recorded VirtualMachine and the VMI that KubeVirt's virt-controller code made of it: the
+/// object an admission policy on VMI CREATE sees.
+struct RecordedVmi {
+    vm: Value,
+    vmi: Value,
+}
+
+/// A recorded example: (name, what it shows, its pair, base, opt-in), as in [`RECORDED`].
+type Example = (&'static str, String, RecordedVmi, Want, Want);
+
+/// The recorded example `name`.
+fn example<'a>(examples: &'a [Example], name: &str) -> Result<&'a RecordedVmi> {
+    examples
+        .iter()
+        .find(|e| e.0 == name)
+        .map(|e| &e.2)
+        .with_context(|| format!("no recorded example {name}"))
+}
+
+fn vmi_from_vm_dir() -> PathBuf {
+    recordings_dir().join("vmi-from-vm")
+}
+
+/// Every `<name>.vm.json` and `<name>.vmi.json` pair of `vmi-from-vm/`, by name; half a pair
+/// is an error.
+fn recorded_vmis() -> Result<BTreeMap<String, RecordedVmi>> {
+    let dir = vmi_from_vm_dir();
+    let mut names = BTreeSet::new();
+    let entries = fs::read_dir(&dir).with_context(|| {
+        format!(
+            "listing {} (the VMIs KubeVirt made of VirtualMachines)",
+            dir.display()
+        )
+    })?;
+    for entry in entries {
+        let file = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let file = file.file_name();
+        let file = file.to_string_lossy();
+        let name = file
+            .strip_suffix(".vmi.json")
+            .or_else(|| file.strip_suffix(".vm.json"));
+        names.extend(name.map(str::to_string));
+    }
+    let load = |name: &str, kind: &str| -> Result<Value> {
+        let path = dir.join(format!("{name}.{kind}.json"));
+        serde_json::from_str(&read(&path)?).with_context(|| format!("parsing {}", path.display()))
+    };
+    names
+        .into_iter()
+        .map(|name| {
+            let pair = RecordedVmi {
+                vm: load(&name, "vm")?,
+                vmi: load(&name, "vmi")?,
+            };
+            Ok((name, pair))
+        })
+        .collect()
+}
+
+/// [`RECORDED`] with each example's files: (name, what it shows, its pair, base, opt-in), after
+/// checking that the directory holds exactly the examples the tests know.
+fn recorded_examples() -> Result<Vec<Example>> {
+    let mut recorded = recorded_vmis()?;
+    let found: BTreeSet<&str> = recorded.keys().map(String::as_str).collect();
+    let known: BTreeSet<&str> = RECORDED.iter().map(|(name, ..)| *name).collect();
+    ensure!(
+        found == known,
+        "{} holds the examples {found:?}, the tests know {known:?}: a missing one must be \
+         recorded again, a new one needs its outcomes in RECORDED",
+        vmi_from_vm_dir().display()
+    );
+    RECORDED
+        .iter()
+        .map(|(name, what, base, opt_in)| {
+            let pair = recorded.remove(*name).context("checked above")?;
+            let what = format!("vmi-from-vm/{name}.vmi.json, {what}");
+            Ok((*name, what, pair, *base, *opt_in))
+        })
+        .collect()
+}
+
+/// The hook sidecars a VM's template asks for, which its VMI gets from it.
+fn template_sidecars(vm: &Value) -> Result<Vec<Value>> {
+    let Some(list) = vm.pointer(&format!(
+        "/spec/template/metadata/annotations/{}",
+        ANNOTATION.replace('/', "~1")
+    )) else {
+        return Ok(vec![]);
+    };
+    let list = list
+        .as_str()
+        .context("the template's annotation is not a string")?;
+    serde_json::from_str(list).with_context(|| format!("the template's list {list:?}"))
+}
+
+/// One case per recorded example, in its own namespace: `opt_in` picks the outcome.
+fn recorded_cases<'a>(
+    examples: &'a [Example],
+    gate_on: &Value,
+    opt_in: bool,
+) -> Result<Vec<Case<'a>>> {
+    examples
+        .iter()
+        .map(|(_, what, pair, base, with_opt_in)| {
+            let expect = match if opt_in { with_opt_in } else { base } {
+                Want::Enroll => Expect::Enrolled(template_sidecars(&pair.vm)?),
+                Want::Skip(reason) => Expect::Skipped(reason),
+            };
+            let ns = pair.vmi["metadata"]["namespace"]
+                .as_str()
+                .with_context(|| format!("{what}: no namespace"))?;
+            let namespace = namespace(ns, json!({"kubernetes.io/metadata.name": ns}));
+            Ok((
+                what.as_str(),
+                pair.vmi.clone(),
+                namespace,
+                gate_on.clone(),
+                expect,
+            ))
+        })
+        .collect()
+}
 /// The examples' VMI and VM, without the hand-written annotation.
 fn unannotated_examples() -> Result<(Value, Value)> {
     let resources = resources_in(&resource_files()?)?;
@@ -157,8 +311,8 @@ fn with_label(vmi: &Value, value: &str) -> Value {
 
 /// The hook sidecar list of a VMI as KubeVirt reads it: `hooks.UnmarshalHookSidecarList`
 /// decodes the annotation into `[]HookSidecar`, whose fields are strings, string lists and two
-/// objects of strings (configMap, pvc). Keys it does not know are ignored by Go's decoder, but
-/// the project writes only known ones.
+/// objects of strings (configMap, pvc). Keys it does not know are ignored by KubeVirt's JSON
+/// decoder, but the project writes only known ones.
 fn hook_sidecars(
     vmi: &Value,
     keys: &BTreeSet<String>,
@@ -197,60 +351,206 @@ fn kubevirt_defines_what_the_enrollment_relies_on() -> Result<()> {
     let ours: BTreeSet<String> = HOOK_SIDECAR_KEYS.iter().map(|k| k.to_string()).collect();
     ensure!(
         keys == ours,
-        "KubeVirt's hooks.HookSidecar has the keys {keys:?}; the tests know {ours:?}"
+        "KubeVirt's hooks.HookSidecar has the keys {keys:?} ({}); the tests know {ours:?}",
+        fact("hook sidecar list entry fields (JSON)")?.cite()
     );
+    let annotation = fact("hook sidecar annotation")?;
     ensure!(
-        kubevirt_file(super::kubevirt_source::HOOKS)?
-            .contains(&format!("HookSidecarListAnnotationName = \"{ANNOTATION}\"")),
-        "KubeVirt's hook sidecar annotation is no longer {ANNOTATION}"
+        annotation.str()? == ANNOTATION,
+        "KubeVirt's hook sidecar annotation is {:?}, no longer {ANNOTATION} ({})",
+        annotation.str()?,
+        annotation.cite()
     );
     // KubeVirt refuses a VMI with the annotation while the Sidecar gate is off; the gate is
     // Alpha, so it is on exactly when featureGates lists it: the policy's matchCondition.
+    let refuses = fact("VMI admission refuses the annotation while the Sidecar gate is off")?;
     ensure!(
-        kubevirt_file(VMI_CREATE_ADMITTER)?.contains(
-            "annotations[hooks.HookSidecarListAnnotationName] != \"\" && !config.SidecarEnabled()"
-        ),
-        "KubeVirt's VMI admission no longer ties the annotation to the Sidecar gate"
+        refuses.bool()?,
+        "KubeVirt's VMI admission no longer ties the annotation to the Sidecar gate ({})",
+        refuses.cite()
     );
-    let active = kubevirt_file(FEATURE_GATES_ACTIVE)?;
-    ensure!(
-        Regex::new(r#"SidecarGate\s*=\s*"Sidecar""#)?.is_match(active)
-            && active.contains("RegisterFeatureGate(FeatureGate{Name: SidecarGate, State: Alpha})"),
-        "the Sidecar feature gate is no longer an Alpha gate named Sidecar: change the policy's \
-         sidecar-feature-gate-enabled condition"
+    let (gate, state) = (
+        fact("Sidecar feature gate name")?,
+        fact("Sidecar feature gate state")?,
     );
     ensure!(
-        kubevirt_file(FEATURE_GATES)?.contains("slices.Contains(devConfig.FeatureGates, gate)"),
-        "KubeVirt no longer reads gates from developerConfiguration.featureGates"
+        gate.str()? == "Sidecar" && state.str()? == "Alpha",
+        "the Sidecar feature gate is no longer an Alpha gate named Sidecar but a {} gate named \
+         {:?} ({}; {}): change the policy's sidecar-feature-gate-enabled condition",
+        state.str()?,
+        gate.str()?,
+        gate.cite(),
+        state.cite()
     );
-    // kvhm-vmi-from-vm runs SetupVMIFromVM itself, but re-does these steps of the VM
-    // controller's startVMI, a method that needs a running controller.
-    let controller = kubevirt_file(VM_CONTROLLER)?;
-    for needle in [
-        "vmi := SetupVMIFromVM(vm)",
-        "setGenerationAnnotationOnVmi(vm.Generation, vmi)",
-        "vmi.Finalizers = append(vmi.Finalizers, virtv1.VirtualMachineControllerFinalizer)",
-        "AutoAttachInputDevice(vmi)",
-        "netvmispec.SetDefaultNetworkInterface(c.clusterConfig, &vmi.Spec)",
-    ] {
+    let gates_at = fact("where enabled feature gates are read")?;
+    ensure!(
+        gates_at.str()? == "spec.configuration.developerConfiguration.featureGates",
+        "KubeVirt no longer reads gates from developerConfiguration.featureGates but from {} \
+         ({})",
+        gates_at.str()?,
+        gates_at.cite()
+    );
+    // The policy reads the gate there, by that name.
+    let resources = base_resources()?;
+    let policy = find(&resources, "MutatingAdmissionPolicy", ENROLLMENT)?;
+    let condition = policy
+        .at("/spec/matchConditions")?
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c["name"] == "sidecar-feature-gate-enabled")
+        })
+        .and_then(|c| c["expression"].as_str())
+        .with_context(|| format!("{} has no sidecar-feature-gate-enabled", policy.describe()))?;
+    let reads = format!(
+        "params.{}.exists(g, g == '{}')",
+        gates_at.str()?,
+        gate.str()?
+    );
+    ensure!(
+        condition.contains(&reads),
+        "{}: sidecar-feature-gate-enabled must test {reads} ({}; {})",
+        policy.describe(),
+        gates_at.cite(),
+        gate.cite()
+    );
+    // The recorded VMIs carry what startVMI adds to SetupVMIFromVM's VMI
+    // (the_recorded_vmis_are_what_virt_controller_makes_of_their_vms).
+    let added = fact(START_VMI)?;
+    for step in START_VMI_STEPS {
         ensure!(
-            controller.contains(needle),
-            "virt-controller's startVMI changed ({needle:?} is gone): \
-             check tests/kubevirt/cmd/kvhm-vmi-from-vm"
+            added.strings()?.contains(&step),
+            "virt-controller's startVMI changed ({step:?} is gone, {}): check that vmi-from-vm/ \
+             still shows what it adds",
+            added.cite()
         );
     }
-    // kubevirt_vmi_info, which the coverage rules join on: its labels and its phase values.
-    let stats = kubevirt_file(VMI_STATS)?;
-    let declared = Regex::new(
-        r#"(?s)Name:\s*"kubevirt_vmi_info".*?\[\]string\{\s*//[^\n]*\n\s*"node", "namespace", "name",\s*//[^\n]*\n\s*"phase","#,
-    )?;
+    // kubevirt_vmi_info, which the coverage rules join on: its labels. (How its phase is
+    // written, lower case as in phase="running", is not among the recorded facts.)
+    let info = fact("kubevirt_vmi_info labels, in order")?;
+    let labels = info.strings()?;
     ensure!(
-        declared.is_match(stats),
-        "kubevirt_vmi_info no longer starts with the labels node, namespace, name, phase"
+        labels.starts_with(&["node", "namespace", "name", "phase"]),
+        "kubevirt_vmi_info no longer starts with the labels node, namespace, name, phase: \
+         {labels:?} ({})",
+        info.cite()
     );
+    Ok(())
+}
+
+/// The name a step of [`START_VMI_STEPS`] adds (`annotation X` → `X`).
+fn start_vmi_step(prefix: &str) -> Result<&'static str> {
+    START_VMI_STEPS
+        .iter()
+        .find_map(|step| step.strip_prefix(prefix))
+        .with_context(|| format!("no step {prefix}… in START_VMI_STEPS"))
+}
+
+/// The recorded VMIs are what the manifests' examples become, and carry what
+/// virt-controller adds before it creates a VMI, so the cases below see what the API server
+/// hands the policy.
+#[test]
+fn the_recorded_vmis_are_what_virt_controller_makes_of_their_vms() -> Result<()> {
+    let cite = fact(START_VMI)?.cite();
+    let examples = recorded_examples()?;
+    for (_, what, pair, ..) in &examples {
+        made_from(pair).with_context(|| format!("{what} (virt-controller's startVMI: {cite})"))?;
+    }
+    // The examples are the manifests' own VirtualMachine, as it is, opted in and opted out.
+    let (_, vm) = unannotated_examples()?;
+    for (name, want) in [
+        ("example", vm.clone()),
+        ("example-opted-in", with_template_label(&vm, "true")),
+        ("example-opted-out", with_template_label(&vm, "false")),
+    ] {
+        let mut got = example(&examples, name)?.vm.clone();
+        // What the API server gave it.
+        for field in ["uid", "generation"] {
+            got["metadata"]
+                .as_object_mut()
+                .context("metadata")?
+                .remove(field);
+        }
+        ensure!(
+            got == want,
+            "vmi-from-vm/{name}.vm.json is no longer manifests/examples/virtualmachine.yaml \
+             (without its annotation{}): record it again\n{got}\ninstead of\n{want}",
+            if name == "example" {
+                ""
+            } else {
+                ", with the enroll label"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `pair.vmi` is SetupVMIFromVM's VMI of `pair.vm` with what startVMI adds.
+fn made_from(pair: &RecordedVmi) -> Result<()> {
+    let (vm, vmi) = (&pair.vm, &pair.vmi);
+    for field in ["name", "namespace"] {
+        ensure!(
+            vmi["metadata"][field] == vm["metadata"][field],
+            "the VMI's {field} is not its VM's"
+        );
+    }
+    let owner = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                       "name": vm["metadata"]["name"], "uid": vm["metadata"]["uid"],
+                       "controller": true, "blockOwnerDeletion": true});
     ensure!(
-        stats.contains("return strings.ToLower(string(vmi.Status.Phase))"),
-        "kubevirt_vmi_info's phase is no longer the lower-cased VMI phase (phase=\"running\")"
+        vmi["metadata"]["ownerReferences"] == json!([owner]),
+        "the VMI is not owned by its VM: {}",
+        vmi["metadata"]["ownerReferences"]
+    );
+    // The template's labels and annotations reach the VMI: the opt-out label and the
+    // VM's own hook sidecars do.
+    for field in ["labels", "annotations"] {
+        let template = &vm["spec"]["template"]["metadata"][field];
+        for (key, value) in template.as_object().into_iter().flatten() {
+            ensure!(
+                &vmi["metadata"][field][key] == value,
+                "the VMI lacks its template's {field} {key}: {value}"
+            );
+        }
+    }
+    let generation = start_vmi_step("annotation ")?;
+    let want = vm["metadata"]["generation"].as_i64().map(|g| g.to_string());
+    ensure!(
+        want.is_some() && vmi["metadata"]["annotations"][generation].as_str() == want.as_deref(),
+        "the VMI's {generation} is not its VM's generation {}",
+        vm["metadata"]["generation"]
+    );
+    let finalizer = start_vmi_step("finalizer ")?;
+    ensure!(
+        vmi["metadata"]["finalizers"] == json!([finalizer]),
+        "the VMI's finalizers are not [{finalizer}]: {}",
+        vmi["metadata"]["finalizers"]
+    );
+    // SetDefaultNetworkInterface: a VM without interfaces gets one on the pod network. (No
+    // example sets autoattachInputDevice, so AutoAttachInputDevice adds nothing to see.)
+    let template = &vm["spec"]["template"]["spec"];
+    let interfaces = &vmi["spec"]["domain"]["devices"]["interfaces"];
+    if template["domain"]["devices"]["interfaces"].is_null() {
+        ensure!(
+            interfaces
+                .as_array()
+                .is_some_and(|i| i.len() == 1 && i[0]["name"] == "default")
+                && vmi["spec"]["networks"] == json!([{"name": "default", "pod": {}}]),
+            "the VMI has not the default pod network interface: {interfaces} on {}",
+            vmi["spec"]["networks"]
+        );
+    } else {
+        ensure!(
+            interfaces == &template["domain"]["devices"]["interfaces"]
+                && vmi["spec"]["networks"] == template["networks"],
+            "the VMI's interfaces and networks are not its template's: {interfaces} on {}",
+            vmi["spec"]["networks"]
+        );
+    }
+    // Not created yet: the API server gives it its uid.
+    ensure!(
+        vmi["metadata"]["uid"].is_null(),
+        "the VMI has a uid already: it is not the object of a CREATE"
     );
     Ok(())
 }
@@ -325,7 +625,10 @@ fn the_settings_reach_the_enrollment_policy_and_fit_the_other_manifests() -> Res
     Ok(())
 }
 
-/// The enrollment cases: (what, the VMI, its namespace, the KubeVirt CR, what must happen).
+/// An enrollment case: (what, the VMI, its namespace, the KubeVirt CR, what must happen).
+type Case<'a> = (&'a str, Value, Value, Value, Expect);
+
+/// What must happen to the VMI of a case.
 enum Expect {
     /// Left out by this selector or matchCondition (a prefix of the reason).
     Skipped(&'static str),
@@ -342,9 +645,24 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
     let (image, aggregator) = settings(&resources)?;
     let ours = json!({"image": image, "args": ["--aggregator", aggregator]});
     let keys = hook_sidecar_keys()?;
-    let (vmi, vm) = unannotated_examples()?;
-    let from_vm = vmi_from_vm(&vm)?;
+    let examples = recorded_examples()?;
     let gate_on = kubevirt_cr(&["Sidecar", "Snapshot"])?;
+    let mut cases = recorded_cases(&examples, &gate_on, false)?;
+    // The examples' VMI as virt-controller creates it from their VM, changed by hand.
+    let from_vm = &example(&examples, "example")?.vmi;
+    cases.extend(handwritten_cases(from_vm, &gate_on)?);
+    cases.extend(malformed_cases(from_vm, &gate_on));
+    check_enrollment(&policy, &binding, &cases, &ours, &keys)?;
+    eprintln!(
+        "enrollment policy: {} VMIs evaluated (by hand and as virt-controller made them)",
+        cases.len()
+    );
+    Ok(())
+}
+
+/// The base policy's cases on VMIs written by hand or changed by hand from `from_vm`.
+fn handwritten_cases(from_vm: &Value, gate_on: &Value) -> Result<Vec<Case<'static>>> {
+    let (vmi, _) = unannotated_examples()?;
     let default_ns = namespace("default", json!({"kubernetes.io/metadata.name": "default"}));
     let other = json!({"image": "quay.io/acme/smbios-sidecar:1.2", "imagePullPolicy": "IfNotPresent",
                        "args": ["--version", "v1alpha2"],
@@ -352,14 +670,7 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
     let handwritten = resources_in(&resource_files()?)?;
     let annotated = only(&handwritten, "VirtualMachineInstance")?.doc.clone();
 
-    let cases: Vec<(&str, Value, Value, Value, Expect)> = vec![
-        (
-            "the VMI of a VirtualMachine without any annotation of its own",
-            from_vm.clone(),
-            default_ns.clone(),
-            gate_on.clone(),
-            Expect::Enrolled(vec![]),
-        ),
+    Ok(vec![
         (
             "a VMI created by hand, without annotations at all",
             vmi.clone(),
@@ -369,7 +680,7 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
         ),
         (
             "a VMI with another project's hook sidecar",
-            with_annotation(&from_vm, &serde_json::to_string(&json!([other]))?),
+            with_annotation(from_vm, &serde_json::to_string(&json!([other]))?),
             default_ns.clone(),
             gate_on.clone(),
             Expect::Enrolled(vec![other.clone()]),
@@ -389,7 +700,7 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
         ),
         (
             "an empty list",
-            with_annotation(&from_vm, " [ ] "),
+            with_annotation(from_vm, " [ ] "),
             default_ns.clone(),
             gate_on.clone(),
             Expect::Enrolled(vec![]),
@@ -404,7 +715,7 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
         (
             "our sidecar from another registry, pinned by digest, after another sidecar, key \"Image\"",
             with_annotation(
-                &from_vm,
+                from_vm,
                 &format!(
                     "[{}, {{\"Image\": \"registry.example.com:5000/x/launcher-sidecar@sha256:{}\"}}]",
                     serde_json::to_string(&other)?,
@@ -416,58 +727,6 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
             Expect::Unchanged,
         ),
         (
-            "malformed: a truncated list",
-            with_annotation(&from_vm, "[{\"image\": \"quay.io/acme/x:1\""),
-            default_ns.clone(),
-            gate_on.clone(),
-            Expect::Unchanged,
-        ),
-        (
-            "malformed: a trailing comma",
-            with_annotation(&from_vm, "[{\"image\": \"quay.io/acme/x:1\"},]"),
-            default_ns.clone(),
-            gate_on.clone(),
-            Expect::Unchanged,
-        ),
-        (
-            "malformed: one object, not a list",
-            with_annotation(&from_vm, "{\"image\": \"quay.io/acme/x:1\"}"),
-            default_ns.clone(),
-            gate_on.clone(),
-            Expect::Unchanged,
-        ),
-        (
-            "malformed: an empty annotation",
-            with_annotation(&from_vm, ""),
-            default_ns.clone(),
-            gate_on.clone(),
-            Expect::Unchanged,
-        ),
-        (
-            "malformed: not JSON",
-            with_annotation(&from_vm, "[image: quay.io/acme/x:1]"),
-            default_ns.clone(),
-            gate_on.clone(),
-            Expect::Unchanged,
-        ),
-        (
-            "valid JSON beyond what a sidecar list holds (nested lists): left alone too",
-            with_annotation(
-                &from_vm,
-                "[{\"image\": \"quay.io/acme/x:1\", \"x\": [[1]]}]",
-            ),
-            default_ns.clone(),
-            gate_on.clone(),
-            Expect::Unchanged,
-        ),
-        (
-            "a VMI labelled enroll=false (from its VM's template)",
-            vmi_from_vm(&with_template_label(&vm, "false"))?,
-            default_ns.clone(),
-            gate_on.clone(),
-            Expect::Skipped("policy objectSelector"),
-        ),
-        (
             "a VMI in a namespace labelled enroll=false",
             from_vm.clone(),
             namespace("default", json!({ENROLL_LABEL: "false"})),
@@ -476,7 +735,7 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
         ),
         (
             "a VMI labelled enroll=true in a namespace labelled enroll=false",
-            with_label(&from_vm, "true"),
+            with_label(from_vm, "true"),
             namespace("default", json!({ENROLL_LABEL: "false"})),
             gate_on.clone(),
             Expect::Skipped("binding namespaceSelector"),
@@ -499,13 +758,56 @@ fn the_enrollment_policy_adds_the_sidecar_to_new_vmis() -> Result<()> {
             },
             Expect::Skipped("matchCondition sidecar-feature-gate-enabled"),
         ),
-    ];
-    check_enrollment(&policy, &binding, &cases, &ours, &keys)?;
-    eprintln!(
-        "enrollment policy: {} VMIs evaluated (by hand and from virt-controller's own code)",
-        cases.len()
-    );
-    Ok(())
+    ])
+}
+
+/// Lists that are not plainly a JSON list of sidecar objects, on `from_vm`: left alone.
+fn malformed_cases(from_vm: &Value, gate_on: &Value) -> Vec<Case<'static>> {
+    let default_ns = namespace("default", json!({"kubernetes.io/metadata.name": "default"}));
+    vec![
+        (
+            "malformed: a truncated list",
+            with_annotation(from_vm, "[{\"image\": \"quay.io/acme/x:1\""),
+            default_ns.clone(),
+            gate_on.clone(),
+            Expect::Unchanged,
+        ),
+        (
+            "malformed: a trailing comma",
+            with_annotation(from_vm, "[{\"image\": \"quay.io/acme/x:1\"},]"),
+            default_ns.clone(),
+            gate_on.clone(),
+            Expect::Unchanged,
+        ),
+        (
+            "malformed: one object, not a list",
+            with_annotation(from_vm, "{\"image\": \"quay.io/acme/x:1\"}"),
+            default_ns.clone(),
+            gate_on.clone(),
+            Expect::Unchanged,
+        ),
+        (
+            "malformed: an empty annotation",
+            with_annotation(from_vm, ""),
+            default_ns.clone(),
+            gate_on.clone(),
+            Expect::Unchanged,
+        ),
+        (
+            "malformed: not JSON",
+            with_annotation(from_vm, "[image: quay.io/acme/x:1]"),
+            default_ns.clone(),
+            gate_on.clone(),
+            Expect::Unchanged,
+        ),
+        (
+            "valid JSON beyond what a sidecar list holds (nested lists): left alone too",
+            with_annotation(from_vm, "[{\"image\": \"quay.io/acme/x:1\", \"x\": [[1]]}]"),
+            default_ns.clone(),
+            gate_on.clone(),
+            Expect::Unchanged,
+        ),
+    ]
 }
 
 fn with_template_label(vm: &Value, value: &str) -> Value {
@@ -519,7 +821,7 @@ fn with_template_label(vm: &Value, value: &str) -> Value {
 fn check_enrollment(
     policy: &Resource,
     binding: &Resource,
-    cases: &[(&str, Value, Value, Value, Expect)],
+    cases: &[Case],
     ours: &Value,
     keys: &BTreeSet<String>,
 ) -> Result<()> {
@@ -625,26 +927,13 @@ fn the_opt_in_component_enrolls_only_what_is_labelled() -> Result<()> {
     let image = variable(policy, "image")?;
     let aggregator = variable(policy, "aggregator")?;
     let ours = json!({"image": image, "args": ["--aggregator", aggregator]});
-    let (_, vm) = unannotated_examples()?;
-    let from_vm = vmi_from_vm(&vm)?;
+    let examples = recorded_examples()?;
+    let from_vm = &example(&examples, "example")?.vmi;
     let gate_on = kubevirt_cr(&["Sidecar"])?;
     let plain_ns = namespace("default", json!({"kubernetes.io/metadata.name": "default"}));
     let opted_in_ns = namespace("team-a", json!({ENROLL_LABEL: "true"}));
-    let cases: Vec<(&str, Value, Value, Value, Expect)> = vec![
-        (
-            "an unlabelled VMI in an unlabelled namespace",
-            from_vm.clone(),
-            plain_ns.clone(),
-            gate_on.clone(),
-            Expect::Skipped("matchCondition opted-in"),
-        ),
-        (
-            "a VMI labelled enroll=true (from its VM's template)",
-            vmi_from_vm(&with_template_label(&vm, "true"))?,
-            plain_ns.clone(),
-            gate_on.clone(),
-            Expect::Enrolled(vec![]),
-        ),
+    let mut cases = recorded_cases(&examples, &gate_on, true)?;
+    cases.extend(vec![
         (
             "an unlabelled VMI in a namespace labelled enroll=true",
             from_vm.clone(),
@@ -654,87 +943,111 @@ fn the_opt_in_component_enrolls_only_what_is_labelled() -> Result<()> {
         ),
         (
             "a VMI labelled enroll=false in a namespace labelled enroll=true",
-            with_label(&from_vm, "false"),
+            with_label(from_vm, "false"),
             opted_in_ns.clone(),
             gate_on.clone(),
             Expect::Skipped("policy objectSelector"),
         ),
         (
             "a VMI labelled enroll=true while the Sidecar gate is off",
-            with_label(&from_vm, "true"),
+            with_label(from_vm, "true"),
             plain_ns.clone(),
             kubevirt_cr(&[])?,
             Expect::Skipped("matchCondition sidecar-feature-gate-enabled"),
         ),
-    ];
+    ]);
     check_enrollment(policy, binding, &cases, &ours, &hook_sidecar_keys()?)
 }
 
-/// The whole path, end to end without a cluster: a VMI created without any annotation goes
-/// through the enrollment policy (its settings pointing at this test's aggregator, as an
-/// overlay would), the pod gets the hook sidecar the mutated annotation asks for, read by
-/// KubeVirt's own code, and KubeVirt's own virt-launcher runs the VM with it
-/// (tests/harness/kubevirt_pod.rs). Emulated, so that it needs no KVM.
-#[test]
-fn a_vmi_enrolled_by_the_policy_is_reported_from_kubevirts_own_virt_launcher() -> Result<()> {
-    use e2e::kubevirt_pod::{LauncherPod, Mode, PodConfig, Vmi};
-    use e2e::timeline::inventory_list;
-    use e2e::tools::wait_until;
-    use std::time::Duration;
+/// The recorded pod of an emulated VM: it runs on machines without KVM too.
+const EMULATED_POD: (&str, &str) = ("emulation_without_kvm_reports_qemu_tcg", "pod-0");
 
+/// The whole path, end to end without a cluster: the VMI of a recorded virt-launcher pod,
+/// created without any annotation, goes through the enrollment policy (its settings pointing
+/// at this test's aggregator, as an overlay would); the real launcher-sidecar runs in the pod
+/// with the args of the entry the policy added, as KubeVirt runs the entry's image, and the
+/// replay plays that pod's virt-launcher (tests/harness/replay.rs) against it.
+#[test]
+fn a_vmi_enrolled_by_the_policy_is_reported_by_the_sidecar_its_annotation_asks_for() -> Result<()> {
+    use e2e::recording::RecordedPod;
+    use e2e::replay::Replay;
+    use e2e::timeline::inventory_list;
+    use std::time::{Duration, Instant};
+
+    let mut recorded = RecordedPod::load(EMULATED_POD.0, EMULATED_POD.1)?;
     let aggregator = Aggregator::start("node-1")?;
     let (mut policy, binding) = base_enrollment()?;
     set_variable(&mut policy, "aggregator", &aggregator.grpc_url())?;
-    let mut vmi = Vmi::bare("default", "vm-enrolled");
+    let file = recorded.dir.join("define-1.vmi.json");
+    let mut vmi: Value = serde_json::from_str(&read(&file)?)
+        .with_context(|| format!("parsing {}", file.display()))?;
+    // The recording's own annotation goes: the policy writes it.
+    vmi["metadata"]
+        .as_object_mut()
+        .context("metadata")?
+        .remove("annotations");
     let request = Request {
-        object: vmi.json.clone(),
+        object: vmi,
         params: kubevirt_cr(&["Sidecar"])?,
-        namespace: namespace("default", json!({"kubernetes.io/metadata.name": "default"})),
+        namespace: namespace(
+            &recorded.vmi.namespace,
+            json!({"kubernetes.io/metadata.name": recorded.vmi.namespace}),
+        ),
     };
     let outcome = admit(&policy, &binding, &[request])?.remove(0);
-    vmi.json = outcome
+    let enrolled = outcome
         .object()
-        .with_context(|| format!("the policy left the VMI alone: {outcome:?}"))?
-        .clone();
-
-    let config = PodConfig {
-        kvm: false,
-        use_emulation: true,
-        ..PodConfig::new(Mode::NonRoot)
+        .with_context(|| format!("the policy left the VMI alone: {outcome:?}"))?;
+    let sidecars = hook_sidecars(enrolled, &hook_sidecar_keys()?)?;
+    let [entry] = sidecars.as_slice() else {
+        bail!("the policy did not add one entry: {sidecars:?}");
     };
-    let mut pod = LauncherPod::start(config, &vmi)?;
-    pod.sync()?;
-    let series = wait_until(
-        Duration::from_secs(120),
-        "the enrolled VMI's series",
-        || {
-            Ok(aggregator
-                .series()?
-                .into_iter()
-                .find(|labels| labels["name"] == "vm-enrolled"))
-        },
-    )
-    .with_context(|| pod.diagnostics())?;
+    recorded.vmi.sidecar_args = entry["args"]
+        .as_array()
+        .and_then(|args| args.iter().map(|a| a.as_str().map(str::to_owned)).collect())
+        .context("the entry's args are not strings")?;
+    let address = match recorded.vmi.sidecar_args.as_slice() {
+        [flag, address] if flag == "--aggregator" => address.clone(),
+        args => bail!("the entry's args are not [\"--aggregator\", <address>]: {args:?}"),
+    };
     ensure!(
-        series["namespace"] == "default" && series["hypervisor_type"] == "qemu-tcg",
-        "the enrolled VMI's series: {series:?}"
+        address == aggregator.grpc_url(),
+        "the entry's aggregator is {address}, the policy's setting {}",
+        aggregator.grpc_url()
+    );
+
+    // This repository's binary stands in for the entry's image.
+    let mut replay = Replay::new(&recorded, &address, Instant::now())?;
+    replay.play_until(|a| *a == e2e::replay::Action::Destroy)?;
+    let series = aggregator.series()?;
+    ensure!(
+        series.len() == 1
+            && series[0]["namespace"] == recorded.vmi.namespace
+            && series[0]["name"] == recorded.vmi.name
+            && series[0]["hypervisor_type"] == "qemu-tcg",
+        "the enrolled VMI must have one series, of type qemu-tcg (the recorded domain's): \
+         {series:?}\n{}",
+        replay.diagnostics()
     );
     let listed = inventory_list(&aggregator.grpc_addr())?;
     ensure!(
-        listed.len() == 1 && listed[0].domain.as_ref().is_some_and(|d| d.uid == vmi.uid),
+        listed.len() == 1
+            && listed[0]
+                .domain
+                .as_ref()
+                .is_some_and(|d| d.uid == recorded.vmi.uid),
         "Inventory/List should hold the VMI with its uid {}: {listed:?}",
-        vmi.uid
+        recorded.vmi.uid
     );
-
-    // virt-launcher's own domain check races a kill in the VM's first seconds
-    // (../shared/kubevirt/README.md).
-    std::thread::sleep(Duration::from_secs(10));
-    pod.kill_vm()?;
-    wait_until(Duration::from_secs(60), "the series gone", || {
-        Ok(aggregator.names()?.is_empty().then_some(()))
-    })
-    .with_context(|| pod.diagnostics())?;
-    let status = pod.wait_sidecar_exit(Duration::from_secs(60))?;
-    ensure!(status.success(), "the sidecar exited {status}");
+    replay.play_to_end()?;
+    let status = replay.wait_sidecar_exit(Duration::from_secs(60))?;
+    ensure!(
+        status.success(),
+        "the sidecar exited {status} after Shutdown"
+    );
+    ensure!(
+        aggregator.names()?.is_empty(),
+        "the series outlived the domain"
+    );
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The bench's own subscription to libvirt's domain lifecycle events, to start the
-//! detection clock where the sidecar's work starts: when the daemon's event reaches a client.
+//! A subscription of the test's own to libvirt's domain lifecycle events: the bench starts
+//! its detection clock there, where the sidecar's work starts (when the daemon's event reaches
+//! a client), and the replay tells from it when a domain really ran.
 //!
 //! The daemon sends each event to every subscribed connection as it happens, the sidecar's
 //! and this one alike, so the instant this connection receives it is the instant the
@@ -29,12 +30,20 @@ pub const START: &[c_int] = &[
 pub const STARTED: c_int = sys::VIR_DOMAIN_EVENT_STARTED as c_int;
 /// What `virsh destroy` makes libvirt emit.
 pub const STOP: &[c_int] = &[sys::VIR_DOMAIN_EVENT_STOPPED as c_int];
+/// A domain's CPUs run: a start (not `--paused`), or a resume.
+pub const RESUMED: c_int = sys::VIR_DOMAIN_EVENT_RESUMED as c_int;
+/// A domain's CPUs stop: `virsh suspend`, or a start with `--paused`.
+pub const SUSPENDED: c_int = sys::VIR_DOMAIN_EVENT_SUSPENDED as c_int;
+/// A domain is defined or redefined.
+pub const DEFINED: c_int = sys::VIR_DOMAIN_EVENT_DEFINED as c_int;
 
 /// One lifecycle event as it reached the bench.
 #[derive(Clone, Debug)]
 pub struct Event {
     pub domain: String,
     pub kind: c_int,
+    /// The event's detail (`VIR_DOMAIN_EVENT_*_*` of its kind).
+    pub detail: c_int,
     pub at: Instant,
     /// The same moment by the wall clock, to compare with the sidecar's log timestamps.
     pub wall: SystemTime,
@@ -87,12 +96,18 @@ impl Lifecycle {
             stop,
             thread: Some(thread),
         };
+        // A new daemon answers its first connection only after probing QEMU.
         ready_rx
-            .recv_timeout(Duration::from_secs(30))
+            .recv_timeout(crate::libvirt::START_TIMEOUT)
             .context("the libvirt event thread did not report back")?
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("subscribing to lifecycle events on {uri}"))?;
         Ok(lifecycle)
+    }
+
+    /// Every event so far, in the order they arrived.
+    pub fn events(&self) -> Vec<Event> {
+        self.shared.lock().clone()
     }
 
     /// The first event of `domain` of one of `kinds` that arrived at or after `since`.
@@ -202,7 +217,7 @@ unsafe extern "C" fn on_lifecycle(
     _conn: sys::virConnectPtr,
     domain: sys::virDomainPtr,
     event: c_int,
-    _detail: c_int,
+    detail: c_int,
     opaque: *mut c_void,
 ) -> c_int {
     // First thing: the clocks.
@@ -221,6 +236,7 @@ unsafe extern "C" fn on_lifecycle(
     shared.lock().push(Event {
         domain,
         kind: event,
+        detail,
         at,
         wall,
     });
