@@ -498,8 +498,9 @@ fn check_any_vm(node: &Node, replay: &Replay, status: std::process::ExitStatus) 
     let first = added
         .first()
         .with_context(|| format!("never reported:\n{}", story()))?;
-    let latency = if recorded.libvirt_mount {
-        check_appeared(first.0, running, &story)?
+    let figure = if recorded.libvirt_mount {
+        let latency = check_appeared(first.0, running, &story)?;
+        format!("domain running → series on the aggregator: {latency:.0?}")
     } else {
         // Without libvirt, the hooks' domain once libvirt holds it (DESIGN.md).
         let defined = replay
@@ -510,7 +511,11 @@ fn check_any_vm(node: &Node, replay: &Replay, status: std::process::ExitStatus) 
             "the hook fallback's series should appear between the definition and the run:\n{}",
             story()
         );
-        running.duration_since(first.0).unwrap_or_default()
+        format!(
+            "domain defined → series on the aggregator: {:.0?} (running at +{:.0?})",
+            first.0.duration_since(defined).unwrap_or_default(),
+            running.duration_since(defined).unwrap_or_default()
+        )
     };
     let hypervisor = hypervisor_of(recorded)?;
     let restarts: Vec<SystemTime> = replay
@@ -535,10 +540,7 @@ fn check_any_vm(node: &Node, replay: &Replay, status: std::process::ExitStatus) 
         );
     }
     check_kept_and_gone(node, replay, running, &restarts)?;
-    note(
-        &recorded.label(),
-        format!("domain running → series on the aggregator: {latency:.0?}"),
-    );
+    note(&recorded.label(), figure);
     Ok(())
 }
 
@@ -634,10 +636,15 @@ fn play_until_reported(node: &Node, replay: &mut Replay, version_required: bool)
     node.assert_series(replay, DomainState::Running, true, version_required)
 }
 
-/// Plays on to the domain's stop; checks the series appeared once, within [`WITHIN`] of
-/// the domain running, and stayed; prints that latency.
+/// Plays on to the domain's stop, then [`check_held`].
 fn play_until_stop(node: &Node, replay: &mut Replay) -> Result<()> {
     replay.play_until(|a| matches!(a, Action::Destroy))?;
+    check_held(node, replay)
+}
+
+/// The series appeared once, within [`WITHIN`] of the domain running, and stayed until now;
+/// prints that latency.
+fn check_held(node: &Node, replay: &Replay) -> Result<()> {
     let latency = node.assert_reported_once_running(replay, SystemTime::now())?;
     node.assert_series(replay, DomainState::Running, true, true)?;
     note(
@@ -876,6 +883,7 @@ fn a_sidecar_killed_and_restarted_mid_run_reports_the_vm_again() -> Result<()> {
     play_until_reported(&node, &mut replay, true)?;
     replay.play_until(|a| *a == Action::Destroy)?;
     replay.sleep_until_due(|a| *a == Action::SidecarStart(2))?;
+    check_held(&node, &replay)?;
     replay.kill_sidecar();
     // Its stream closed with it: the aggregator drops the series at once.
     node.wait_exposed(&replay, false)?;

@@ -45,7 +45,7 @@
 
 use std::fs;
 use std::os::unix::fs::chown;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -113,8 +113,7 @@ pub fn steps(recorded: &RecordedPod) -> Result<(Vec<Step>, Option<Duration>)> {
     let mut starts = 0;
     for line in &recorded.hook_lines {
         match line {
-            // Counted here: the recordings number every start 1.
-            HookLine::SidecarStart { at_s, .. } => {
+            HookLine::SidecarStart { at_s } => {
                 starts += 1;
                 steps.push(Step {
                     at_s: *at_s,
@@ -598,7 +597,7 @@ impl Replay {
         Ok(out)
     }
 
-    fn write_disk(&self, path: &PathBuf) -> Result<()> {
+    fn write_disk(&self, path: &Path) -> Result<()> {
         let image = match self.powers_off {
             // The BIOS wait starts a moment after the domain runs.
             Some(after) => power_off_disk(after.as_secs() as u32),
