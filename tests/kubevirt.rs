@@ -248,6 +248,7 @@ impl Node {
         until: SystemTime,
     ) -> Result<()> {
         let vmi = &replay.recorded().vmi;
+        self.metrics.wait_caught_up(until, APPEAR)?;
         let mut first_seen = None;
         for scrape in self.metrics.changes().iter().filter(|s| s.at <= until) {
             let present = scrape
@@ -470,7 +471,8 @@ fn replay_scenario(recorded: &[RecordedPod]) -> Result<()> {
         replays.push(result?);
     }
     // The last scrapes and Watch events after the last exit.
-    std::thread::sleep(Duration::from_millis(300));
+    node.metrics.wait_caught_up(SystemTime::now(), APPEAR)?;
+    std::thread::sleep(Duration::from_millis(100));
     for (replay, status) in &replays {
         check_any_vm(&node, replay, *status).with_context(|| replay.recorded().label())?;
     }

@@ -159,10 +159,17 @@ pub struct Scrape {
     pub series: Option<Vec<Labels>>,
 }
 
+#[derive(Default)]
+struct Scrapes {
+    changes: Vec<Scrape>,
+    /// When the latest finished scrape started.
+    last: Option<SystemTime>,
+}
+
 /// Scrapes an aggregator's /metrics every [`SCRAPE_EVERY`] on a thread of its own and keeps
 /// every scrape that differed from the previous one.
 pub struct MetricsRecorder {
-    changes: Arc<Mutex<Vec<Scrape>>>,
+    changes: Arc<Mutex<Scrapes>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -170,7 +177,7 @@ pub struct MetricsRecorder {
 impl MetricsRecorder {
     /// `url` is the aggregator's /metrics URL.
     pub fn start(url: &str) -> Result<Self> {
-        let changes = Arc::new(Mutex::new(Vec::<Scrape>::new()));
+        let changes = Arc::new(Mutex::new(Scrapes::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("metrics-recorder".into())
@@ -188,11 +195,16 @@ impl MetricsRecorder {
                                 series.sort();
                                 series
                             });
-                        let mut changes = changes.lock().unwrap_or_else(|p| p.into_inner());
-                        if changes.last().is_none_or(|last| last.series != series) {
-                            changes.push(Scrape { at, series });
+                        let mut scrapes = changes.lock().unwrap_or_else(|p| p.into_inner());
+                        if scrapes
+                            .changes
+                            .last()
+                            .is_none_or(|last| last.series != series)
+                        {
+                            scrapes.changes.push(Scrape { at, series });
                         }
-                        drop(changes);
+                        scrapes.last = Some(at);
+                        drop(scrapes);
                         std::thread::sleep(SCRAPE_EVERY);
                     }
                 }
@@ -210,7 +222,18 @@ impl MetricsRecorder {
         self.changes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .changes
             .clone()
+    }
+
+    /// Waits until a scrape that started at or after `since` has finished, so that
+    /// [`changes`](Self::changes) covers everything up to `since`: on a busy machine the
+    /// recorder can lag behind the test.
+    pub fn wait_caught_up(&self, since: SystemTime, timeout: Duration) -> Result<()> {
+        crate::tools::wait_until(timeout, "the /metrics recorder to catch up", || {
+            let last = self.changes.lock().unwrap_or_else(|p| p.into_inner()).last;
+            Ok(last.is_some_and(|last| last >= since).then_some(()))
+        })
     }
 }
 
