@@ -12,12 +12,12 @@ use hypervisor_proto::v1::{
     inventory_server::InventoryServer,
 };
 use node_aggregator::inventory::InventoryService;
-use node_aggregator::listener;
 use node_aggregator::memory::Trimmer;
-use node_aggregator::metrics::{self, Exposition};
+use node_aggregator::metrics::Exposition;
 use node_aggregator::registry::{Capacity, Registry};
 use node_aggregator::service::ReportService;
 use node_aggregator::tls::ReloadingCert;
+use node_aggregator::{http, listener};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -135,9 +135,9 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let http = tokio::spawn(metrics::serve(
+    let http = tokio::spawn(http::serve(
         metrics_listener,
-        metrics::router(exposition, Arc::clone(&ready)),
+        http::router(exposition, Arc::clone(&ready)),
         tls,
         trimmer,
     ));

@@ -1,34 +1,19 @@
-//! `/metrics`, `/healthz` and `/readyz`.
+//! The exposition: `/metrics` in the text format, from the registry and the process.
 //!
 //! The VMI series are written straight from the registry at each scrape, as the
 //! lines the registry rendered for each claim: the exposition holds no copy of
 //! them, so it cannot disagree with the registry.
 
-use std::fmt::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use prometheus::{Encoder, IntGaugeVec, Opts, TextEncoder};
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
 
-use crate::memory::Trimmer;
-use crate::registry::{INFO_SERIES, Limit, Registry};
-use crate::validate::Rejection;
+use crate::registry::{INFO_SERIES, Registry};
+use crate::text_format::{self, Kind};
+use crate::validate::{Limit, Rejection};
 
 const PREFIX: &str = "kubevirt_hypervisor_aggregator";
-const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub struct Exposition {
     registry: Arc<Registry>,
@@ -41,7 +26,7 @@ impl Exposition {
         let process = prometheus::Registry::new();
         let build_info = IntGaugeVec::new(
             Opts::new(
-                format!("{PREFIX}_build_info"),
+                own("build_info"),
                 "A metric with a constant '1' value labelled by the version of node-aggregator.",
             ),
             &["version"],
@@ -65,14 +50,14 @@ impl Exposition {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         self.render_registry(&mut out);
-        let mut own = Vec::new();
+        let mut process = Vec::new();
         // Encoding into a Vec only fails on metric families that cannot be built, which the
         // constructor already ruled out.
         if TextEncoder::new()
-            .encode(&self.process.gather(), &mut own)
+            .encode(&self.process.gather(), &mut process)
             .is_ok()
         {
-            out.push_str(&String::from_utf8_lossy(&own));
+            out.push_str(&String::from_utf8_lossy(&process));
         }
         out
     }
@@ -80,10 +65,10 @@ impl Exposition {
     fn render_registry(&self, out: &mut String) {
         let snapshot = self.registry.snapshot();
 
-        family(
+        text_format::family(
             out,
             INFO_SERIES,
-            "gauge",
+            Kind::Gauge,
             "Which hypervisor runs a VirtualMachineInstance: kvm (QEMU with KVM acceleration), \
              qemu-tcg (QEMU software emulation), mshv (Microsoft Hypervisor) or unknown. \
              Always 1, one series per running VMI.",
@@ -94,157 +79,82 @@ impl Exposition {
             out.push_str(&claim.series);
         }
 
-        gauge(
+        text_format::gauge(
             out,
-            "streams_open",
+            &own("streams_open"),
             "Report streams from launcher sidecars open now.",
             snapshot.open_streams(),
         );
-        gauge(
+        text_format::gauge(
             out,
-            "claims_held",
+            &own("claims_held"),
             "VMI reports held back because another stream reported the same VMI first.",
             snapshot.held_claims(),
         );
+        // The counters are atomics beside the state: they need no lock.
+        drop(snapshot);
 
-        let counts = snapshot.counts();
-        let reports = format!("{PREFIX}_reports_total");
-        family(
+        let counters = self.registry.counters();
+        let reports = own("reports_total");
+        text_format::family(
             out,
             &reports,
-            "counter",
+            Kind::Counter,
             "Reports applied, by action (upsert or withdraw).",
         );
-        let _ = writeln!(out, "{reports}{{action=\"upsert\"}} {}", counts.upserts);
-        let _ = writeln!(
+        text_format::sample(out, &reports, &[("action", "upsert")], counters.upserts());
+        text_format::sample(
             out,
-            "{reports}{{action=\"withdraw\"}} {}",
-            counts.withdrawals
+            &reports,
+            &[("action", "withdraw")],
+            counters.withdrawals(),
         );
 
-        let rejected = format!("{PREFIX}_reports_rejected_total");
-        family(
+        let rejected = own("reports_rejected_total");
+        text_format::family(
             out,
             &rejected,
-            "counter",
+            Kind::Counter,
             "Reports refused, by reason; the stream that sent one goes on.",
         );
         for reason in Rejection::ALL {
-            let _ = writeln!(
+            text_format::sample(
                 out,
-                "{rejected}{{reason=\"{}\"}} {}",
-                reason.label(),
-                counts.rejected[reason.index()]
+                &rejected,
+                &[("reason", reason.label())],
+                counters.rejected(reason),
             );
         }
 
-        let limit_hits = format!("{PREFIX}_limit_hits_total");
-        family(
+        let limit_hits = own("limit_hits_total");
+        text_format::family(
             out,
             &limit_hits,
-            "counter",
+            Kind::Counter,
             "Times a client ran into one of the aggregator's limits (see its --max-* flags).",
         );
         for limit in Limit::ALL {
-            let _ = writeln!(
+            text_format::sample(
                 out,
-                "{limit_hits}{{limit=\"{}\"}} {}",
-                limit.label(),
-                counts.limit_hits[limit.index()]
+                &limit_hits,
+                &[("limit", limit.label())],
+                counters.limit_hits(limit),
             );
         }
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn gauge(out: &mut String, suffix: &str, help: &str, value: usize) {
-    let name = format!("{PREFIX}_{suffix}");
-    family(out, &name, "gauge", help);
-    let _ = writeln!(out, "{name} {value}");
-}
-
-/// A client gets this long for its TLS handshake and for its request headers,
-/// so that slow or silent clients cannot pile up connections.
-const CLIENT_DEADLINE: Duration = Duration::from_secs(10);
-/// Largest request head read (hyper's default is ~400 KiB, so each client could make the
-/// aggregator hold that much until its deadline); a larger one is answered 431. A scrape's
-/// head is a few hundred bytes, a few KiB with a bearer token.
-const MAX_REQUEST_HEAD: usize = 16 * 1024;
-
-/// Serves `router` on `listener` over HTTP/1.1, in TLS when `tls` is given; `trimmer`
-/// hands a connection's memory back after it closes.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    tls: Option<TlsAcceptor>,
-    trimmer: Trimmer,
-) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // Out of file descriptors, usually: wait for some to close.
-                warn!(%err, "metrics listener cannot accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let service = TowerToHyperService::new(router.clone());
-        let tls = tls.clone();
-        let trim = trimmer.on_drop();
-        tokio::spawn(async move {
-            let _trim = trim;
-            let mut http = http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(CLIENT_DEADLINE)
-                .max_buf_size(MAX_REQUEST_HEAD);
-            let served = match tls {
-                None => http.serve_connection(TokioIo::new(tcp), service).await,
-                Some(tls) => match tokio::time::timeout(CLIENT_DEADLINE, tls.accept(tcp)).await {
-                    Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), service).await,
-                    Ok(Err(err)) => return debug!(%peer, %err, "metrics TLS handshake failed"),
-                    Err(_) => return debug!(%peer, "metrics TLS handshake timed out"),
-                },
-            };
-            if let Err(err) = served {
-                debug!(%peer, %err, "metrics connection ended with an error");
-            }
-        });
-    }
-}
-
-/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the
-/// report server accepts streams).
-pub fn router(exposition: Arc<Exposition>, ready: Arc<AtomicBool>) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(|State(exposition): State<Arc<Exposition>>| async move {
-                ([(header::CONTENT_TYPE, CONTENT_TYPE)], exposition.render())
-            }),
-        )
-        .with_state(exposition)
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if ready.load(Ordering::Acquire) {
-                    (StatusCode::OK, "ok\n").into_response()
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not serving reports yet\n").into_response()
-                }
-            }),
-        )
+/// The full name of one of the aggregator's own metrics.
+fn own(suffix: &str) -> String {
+    format!("{PREFIX}_{suffix}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Capacity;
-    use hypervisor_proto::v1::{Domain, DomainState, HypervisorType};
+    use crate::fixture::domain;
+    use crate::registry::{Capacity, VmiKey};
+    use hypervisor_proto::v1::HypervisorType;
 
     #[test]
     fn renders_one_info_series_per_vmi_with_the_node_label() {
@@ -257,15 +167,7 @@ mod tests {
         );
         let stream = registry.open_stream("peer").unwrap();
         stream
-            .upsert(Domain {
-                namespace: "default".into(),
-                name: "vm-a".into(),
-                uid: String::new(),
-                domain_name: "default_vm-a".into(),
-                hypervisor_type: HypervisorType::QemuTcg.into(),
-                hypervisor_version: "7.2.22".into(),
-                state: DomainState::Running.into(),
-            })
+            .upsert(domain("default", "vm-a", HypervisorType::QemuTcg))
             .unwrap();
         let text = Exposition::new(Arc::clone(&registry)).unwrap().render();
         let info: Vec<&str> = text
@@ -287,5 +189,82 @@ mod tests {
         let text = Exposition::new(registry).unwrap().render();
         assert!(!text.lines().any(|l| l.starts_with(INFO_SERIES)));
         assert!(text.contains("kubevirt_hypervisor_aggregator_streams_open 0\n"));
+    }
+
+    #[test]
+    fn renders_the_registrys_families_byte_for_byte() {
+        let registry = Registry::new(
+            "node-1",
+            Capacity {
+                streams: 2,
+                domains_per_stream: 2,
+            },
+        );
+        let a = registry.open_stream("a").unwrap();
+        let b = registry.open_stream("b").unwrap();
+        assert!(registry.open_stream("c").is_err());
+        let mut quoted = domain("default", "vm-a", HypervisorType::Kvm);
+        quoted.hypervisor_version = r#"7.2 "beta" \ build"#.into();
+        a.upsert(quoted).unwrap();
+        b.upsert(domain("default", "vm-a", HypervisorType::QemuTcg))
+            .unwrap();
+        b.upsert(domain("ns", "vm-b", HypervisorType::Mshv))
+            .unwrap();
+        assert!(b.upsert(domain("ns", "vm-c", HypervisorType::Kvm)).is_err());
+        assert!(a.upsert(domain("Bad", "vm", HypervisorType::Kvm)).is_err());
+        let gone = VmiKey {
+            namespace: "ns".into(),
+            name: "gone".into(),
+        };
+        a.upsert(domain("ns", "gone", HypervisorType::Unknown))
+            .unwrap();
+        a.withdraw(&gone).unwrap();
+        assert!(a.withdraw(&gone).is_err());
+        // As the report service counts what it refuses before the registry sees it.
+        a.count_rejection(Rejection::RateLimited);
+        a.count_rejection(Rejection::Malformed);
+        a.count_rejection(Rejection::Empty);
+        a.count_limit_hit(Limit::MessageBytes);
+
+        let text = Exposition::new(registry).unwrap().render();
+        let process = text
+            .find("# HELP kubevirt_hypervisor_aggregator_build_info")
+            .unwrap();
+        assert_eq!(
+            &text[..process],
+            r#"# HELP kubevirt_vmi_hypervisor_info Which hypervisor runs a VirtualMachineInstance: kvm (QEMU with KVM acceleration), qemu-tcg (QEMU software emulation), mshv (Microsoft Hypervisor) or unknown. Always 1, one series per running VMI.
+# TYPE kubevirt_vmi_hypervisor_info gauge
+kubevirt_vmi_hypervisor_info{namespace="default",name="vm-a",node="node-1",hypervisor_type="kvm",hypervisor_version="7.2 \"beta\" \\ build"} 1
+kubevirt_vmi_hypervisor_info{namespace="ns",name="vm-b",node="node-1",hypervisor_type="mshv",hypervisor_version="7.2.22"} 1
+# HELP kubevirt_hypervisor_aggregator_streams_open Report streams from launcher sidecars open now.
+# TYPE kubevirt_hypervisor_aggregator_streams_open gauge
+kubevirt_hypervisor_aggregator_streams_open 2
+# HELP kubevirt_hypervisor_aggregator_claims_held VMI reports held back because another stream reported the same VMI first.
+# TYPE kubevirt_hypervisor_aggregator_claims_held gauge
+kubevirt_hypervisor_aggregator_claims_held 1
+# HELP kubevirt_hypervisor_aggregator_reports_total Reports applied, by action (upsert or withdraw).
+# TYPE kubevirt_hypervisor_aggregator_reports_total counter
+kubevirt_hypervisor_aggregator_reports_total{action="upsert"} 4
+kubevirt_hypervisor_aggregator_reports_total{action="withdraw"} 1
+# HELP kubevirt_hypervisor_aggregator_reports_rejected_total Reports refused, by reason; the stream that sent one goes on.
+# TYPE kubevirt_hypervisor_aggregator_reports_rejected_total counter
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="empty"} 1
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="invalid_namespace"} 1
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="invalid_name"} 0
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="invalid_uid"} 0
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="invalid_domain_name"} 0
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="invalid_version"} 0
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="not_reported"} 1
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="too_many_domains"} 1
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="rate_limited"} 1
+kubevirt_hypervisor_aggregator_reports_rejected_total{reason="malformed"} 1
+# HELP kubevirt_hypervisor_aggregator_limit_hits_total Times a client ran into one of the aggregator's limits (see its --max-* flags).
+# TYPE kubevirt_hypervisor_aggregator_limit_hits_total counter
+kubevirt_hypervisor_aggregator_limit_hits_total{limit="streams"} 1
+kubevirt_hypervisor_aggregator_limit_hits_total{limit="domains_per_stream"} 1
+kubevirt_hypervisor_aggregator_limit_hits_total{limit="message_bytes"} 1
+kubevirt_hypervisor_aggregator_limit_hits_total{limit="reports_per_second"} 1
+"#
+        );
     }
 }

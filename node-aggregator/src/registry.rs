@@ -12,6 +12,7 @@
 //! the time of formatting them anew.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -19,7 +20,8 @@ use hypervisor_proto::v1::{Domain, HypervisorType};
 use smallvec::SmallVec;
 use tokio::sync::broadcast;
 
-use crate::validate::{self, Rejection};
+use crate::text_format;
+use crate::validate::{self, Limit, Rejection};
 
 /// The series of every exposed claim: one per running VMI.
 pub const INFO_SERIES: &str = "kubevirt_vmi_hypervisor_info";
@@ -73,46 +75,54 @@ pub struct Change {
     pub claim: Claim,
 }
 
-/// Counts of what the streams sent, for the aggregator's own metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReportCounts {
-    pub upserts: u64,
-    pub withdrawals: u64,
+/// Counts of what the streams sent, for the aggregator's own metrics. Atomics beside
+/// the state rather than in it: a report refused before it reaches the registry (the
+/// flood a limit is there to absorb) is counted without taking the registry's lock.
+#[derive(Debug, Default)]
+pub struct Counters {
+    upserts: AtomicU64,
+    withdrawals: AtomicU64,
     /// Indexed like [`Rejection::ALL`].
-    pub rejected: [u64; Rejection::ALL.len()],
+    rejected: [AtomicU64; Rejection::ALL.len()],
     /// Indexed like [`Limit::ALL`].
-    pub limit_hits: [u64; Limit::ALL.len()],
+    limit_hits: [AtomicU64; Limit::ALL.len()],
 }
 
-/// The limits that keep one misbehaving client from costing everyone else.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Limit {
-    Streams,
-    DomainsPerStream,
-    MessageBytes,
-    ReportsPerSecond,
-}
-
-impl Limit {
-    pub const ALL: [Limit; 4] = [
-        Limit::Streams,
-        Limit::DomainsPerStream,
-        Limit::MessageBytes,
-        Limit::ReportsPerSecond,
-    ];
-
-    pub fn index(self) -> usize {
-        self as usize
+impl Counters {
+    pub fn upserts(&self) -> u64 {
+        self.upserts.load(Ordering::Relaxed)
     }
 
-    /// The value of the `limit` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Limit::Streams => "streams",
-            Limit::DomainsPerStream => "domains_per_stream",
-            Limit::MessageBytes => "message_bytes",
-            Limit::ReportsPerSecond => "reports_per_second",
+    pub fn withdrawals(&self) -> u64 {
+        self.withdrawals.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected(&self, reason: Rejection) -> u64 {
+        self.rejected[reason.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn limit_hits(&self, limit: Limit) -> u64 {
+        self.limit_hits[limit.index()].load(Ordering::Relaxed)
+    }
+
+    fn upsert(&self) {
+        self.upserts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn withdrawal(&self) {
+        self.withdrawals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A refused report, under its reason and, when a limit refused it, that limit.
+    fn refusal(&self, reason: Rejection) {
+        self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+        if let Some(limit) = reason.limit() {
+            self.limit_hit(limit);
         }
+    }
+
+    fn limit_hit(&self, limit: Limit) {
+        self.limit_hits[limit.index()].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -157,26 +167,24 @@ impl Snapshot<'_> {
             .map(|claims| claims.len() - 1)
             .sum()
     }
-
-    pub fn counts(&self) -> &ReportCounts {
-        &self.state.counts
-    }
 }
 
 pub struct Registry {
     node: String,
     capacity: Capacity,
     state: Mutex<State>,
-    changes: broadcast::Sender<Change>,
+    counters: Counters,
 }
 
-#[derive(Default)]
 struct State {
     next_stream_id: StreamId,
     streams: HashMap<StreamId, StreamRecord>,
     /// Every claim on a VMI, oldest first.
     vmis: BTreeMap<VmiKey, Claims>,
-    counts: ReportCounts,
+    /// Each change goes out under the lock that made it, so watchers get the changes in
+    /// the order the state took them, and a watcher's snapshot holds exactly the changes
+    /// made before it subscribed. A send only copies into the buffer: it never blocks.
+    changes: broadcast::Sender<Change>,
 }
 
 /// The claims on one VMI, oldest first. Nearly always one: kept in the map's own
@@ -195,8 +203,13 @@ impl Registry {
         Arc::new(Registry {
             node: node.into(),
             capacity,
-            state: Mutex::default(),
-            changes: broadcast::channel(WATCH_BUFFER).0,
+            state: Mutex::new(State {
+                next_stream_id: 0,
+                streams: HashMap::new(),
+                vmis: BTreeMap::new(),
+                changes: broadcast::channel(WATCH_BUFFER).0,
+            }),
+            counters: Counters::default(),
         })
     }
 
@@ -211,7 +224,7 @@ impl Registry {
     ) -> Result<StreamHandle, TooManyStreams> {
         let mut state = self.lock();
         if state.streams.len() >= self.capacity.streams {
-            state.counts.limit_hits[Limit::Streams.index()] += 1;
+            self.counters.limit_hit(Limit::Streams);
             return Err(TooManyStreams(self.capacity.streams));
         }
         state.next_stream_id += 1;
@@ -241,16 +254,12 @@ impl Registry {
     /// Every claim now plus every change from then on, with nothing lost in between.
     pub fn watch(&self) -> (Vec<Claim>, broadcast::Receiver<Change>) {
         let state = self.lock();
-        let receiver = self.changes.subscribe();
+        let receiver = state.changes.subscribe();
         (state.vmis.values().flatten().cloned().collect(), receiver)
     }
 
-    fn count_rejection(&self, reason: Rejection) {
-        self.lock().counts.rejected[reason.index()] += 1;
-    }
-
-    fn count_limit_hit(&self, limit: Limit) {
-        self.lock().counts.limit_hits[limit.index()] += 1;
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -259,16 +268,6 @@ impl Registry {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn publish(&self, kind: ChangeKind, claim: &Claim) {
-        if self.changes.receiver_count() > 0 {
-            // Only fails when every watcher left in the meantime.
-            let _ = self.changes.send(Change {
-                kind,
-                claim: claim.clone(),
-            });
-        }
     }
 
     fn upsert(&self, stream: &StreamHandle, domain: Domain) -> Result<(), Rejection> {
@@ -281,11 +280,10 @@ impl Registry {
             record.keys.len() >= self.capacity.domains_per_stream && !record.keys.contains(&key)
         });
         if full {
-            state.counts.rejected[Rejection::TooManyDomains.index()] += 1;
-            state.counts.limit_hits[Limit::DomainsPerStream.index()] += 1;
+            self.counters.refusal(Rejection::TooManyDomains);
             return Err(Rejection::TooManyDomains);
         }
-        state.counts.upserts += 1;
+        self.counters.upsert();
         let claims = state.vmis.entry(key.clone()).or_default();
         let (kind, claim) = match claims.iter_mut().find(|c| c.stream_id == stream.id) {
             Some(existing) if existing.domain == domain => return Ok(()),
@@ -311,8 +309,7 @@ impl Registry {
         if let Some(record) = state.streams.get_mut(&stream.id) {
             record.keys.insert(key);
         }
-        drop(state);
-        self.publish(kind, &claim);
+        state.publish(kind, claim);
         Ok(())
     }
 
@@ -323,14 +320,13 @@ impl Registry {
             .get_mut(&stream.id)
             .is_some_and(|record| record.keys.remove(key));
         if !owned {
-            state.counts.rejected[Rejection::NotReported.index()] += 1;
+            self.counters.refusal(Rejection::NotReported);
             return Err(Rejection::NotReported);
         }
-        state.counts.withdrawals += 1;
+        self.counters.withdrawal();
         let changes = remove_claim(&mut state.vmis, key, stream.id);
-        drop(state);
-        for (kind, claim) in &changes {
-            self.publish(*kind, claim);
+        for (kind, claim) in changes {
+            state.publish(kind, claim);
         }
         Ok(())
     }
@@ -344,51 +340,37 @@ impl Registry {
         for key in &record.keys {
             changes.extend(remove_claim(&mut state.vmis, key, id));
         }
-        drop(state);
-        for (kind, claim) in &changes {
-            self.publish(*kind, claim);
+        for (kind, claim) in changes {
+            state.publish(kind, claim);
         }
     }
 }
 
-/// A VMI's series as a line of the text format, label values escaped.
+impl State {
+    fn publish(&self, kind: ChangeKind, claim: Claim) {
+        if self.changes.receiver_count() > 0 {
+            // Only fails when every watcher left in the meantime.
+            let _ = self.changes.send(Change { kind, claim });
+        }
+    }
+}
+
+/// A VMI's series as a line of the text format.
 fn series_line(node: &str, domain: &Domain) -> Box<str> {
-    let hypervisor = hypervisor_type(domain).label();
     let mut line = String::with_capacity(160);
-    line.push_str(INFO_SERIES);
-    line.push('{');
-    for (position, (name, value)) in [
-        ("namespace", domain.namespace.as_str()),
-        ("name", &domain.name),
-        ("node", node),
-        ("hypervisor_type", hypervisor),
-        ("hypervisor_version", &domain.hypervisor_version),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if position > 0 {
-            line.push(',');
-        }
-        line.push_str(name);
-        line.push_str("=\"");
-        push_escaped(&mut line, value);
-        line.push('"');
-    }
-    line.push_str("} 1\n");
+    text_format::sample(
+        &mut line,
+        INFO_SERIES,
+        &[
+            ("namespace", &domain.namespace),
+            ("name", &domain.name),
+            ("node", node),
+            ("hypervisor_type", hypervisor_type(domain).label()),
+            ("hypervisor_version", &domain.hypervisor_version),
+        ],
+        1,
+    );
     line.into_boxed_str()
-}
-
-/// Appends a label value escaped for the text format.
-fn push_escaped(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
 }
 
 /// Removes one stream's claim on a VMI, promoting the next-oldest claim if the
@@ -432,7 +414,7 @@ impl StreamHandle {
     /// Creates or replaces this stream's series of the domain's VMI.
     pub fn upsert(&self, domain: Domain) -> Result<(), Rejection> {
         if let Err(rejection) = validate::domain(&domain) {
-            self.registry.count_rejection(rejection);
+            self.count_rejection(rejection);
             return Err(rejection);
         }
         self.registry.upsert(self, domain)
@@ -440,12 +422,13 @@ impl StreamHandle {
 
     /// Counts a report of this stream that was refused before it reached the registry.
     pub fn count_rejection(&self, reason: Rejection) {
-        self.registry.count_rejection(reason);
+        self.registry.counters.refusal(reason);
     }
 
-    /// Counts a limit this stream ran into outside the registry (size, rate).
+    /// Counts a limit this stream ran into that refuses no single report (the message
+    /// size, which ends the stream).
     pub fn count_limit_hit(&self, limit: Limit) {
-        self.registry.count_limit_hit(limit);
+        self.registry.counters.limit_hit(limit);
     }
 
     /// Removes this stream's series of a VMI; another stream's series is out of reach.
@@ -463,24 +446,14 @@ impl Drop for StreamHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hypervisor_proto::v1::DomainState;
+    use crate::fixture::domain;
+    use std::sync::Barrier;
+    use std::sync::atomic::AtomicBool;
 
     const CAPACITY: Capacity = Capacity {
         streams: 8,
         domains_per_stream: 2,
     };
-
-    fn domain(namespace: &str, name: &str, hypervisor: HypervisorType) -> Domain {
-        Domain {
-            namespace: namespace.into(),
-            name: name.into(),
-            uid: String::new(),
-            domain_name: format!("{namespace}_{name}"),
-            hypervisor_type: hypervisor.into(),
-            hypervisor_version: "7.2.22".into(),
-            state: DomainState::Running.into(),
-        }
-    }
 
     fn key(namespace: &str, name: &str) -> VmiKey {
         VmiKey {
@@ -541,8 +514,8 @@ mod tests {
         );
         stream.withdraw(&key("default", "vm-a")).unwrap();
         assert!(exposed(&registry).is_empty());
-        let counts = registry.snapshot().counts().clone();
-        assert_eq!((counts.upserts, counts.withdrawals), (2, 1));
+        let counters = registry.counters();
+        assert_eq!((counters.upserts(), counters.withdrawals()), (2, 1));
     }
 
     #[test]
@@ -577,10 +550,7 @@ mod tests {
             Err(Rejection::NotReported)
         );
         assert_eq!(exposed(&registry).len(), 1);
-        assert_eq!(
-            registry.snapshot().counts().rejected[Rejection::NotReported.index()],
-            1
-        );
+        assert_eq!(registry.counters().rejected(Rejection::NotReported), 1);
     }
 
     #[test]
@@ -671,9 +641,10 @@ mod tests {
             .upsert(domain("ns", "vm-2", HypervisorType::QemuTcg))
             .unwrap();
         assert_eq!(exposed(&registry).len(), 2);
-        let counts = registry.snapshot().counts().clone();
-        assert_eq!(counts.limit_hits[Limit::Streams.index()], 1);
-        assert_eq!(counts.limit_hits[Limit::DomainsPerStream.index()], 1);
+        let counters = registry.counters();
+        assert_eq!(counters.limit_hits(Limit::Streams), 1);
+        assert_eq!(counters.limit_hits(Limit::DomainsPerStream), 1);
+        assert_eq!(counters.rejected(Rejection::TooManyDomains), 1);
 
         drop(streams);
         assert!(registry.open_stream("room again").is_ok());
@@ -687,5 +658,194 @@ mod tests {
         let stream = registry.open_stream("a").unwrap();
         stream.upsert(d).unwrap();
         assert_eq!(exposed(&registry), [("ns".into(), "vm".into(), "unknown")]);
+    }
+
+    /// Watchers that subscribe at any moment while several streams report, withdraw and
+    /// close at once must see each change once and in the order the state took it: a
+    /// watcher's snapshot with its changes applied in order ends as the registry does.
+    #[test]
+    fn watchers_that_subscribe_under_load_agree_with_the_registry() {
+        for seed in 0..WATCH_ROUNDS {
+            let (watchers, disagreements) = watch_round(seed);
+            assert!(
+                disagreements.is_empty(),
+                "round {seed}: {} of {watchers} watchers disagree with the registry; the first: {}",
+                disagreements.len(),
+                disagreements[0],
+            );
+        }
+    }
+
+    const WATCH_ROUNDS: u64 = 40;
+    const WRITERS: usize = 3;
+    const STREAMS_PER_WRITER: usize = 2;
+    const OPS_PER_WRITER: usize = 80;
+    const WATCHERS: usize = 2;
+    const SUBSCRIPTIONS_PER_WATCHER: usize = 200;
+    const WATCHED_CAPACITY: Capacity = Capacity {
+        streams: 64,
+        domains_per_stream: 2,
+    };
+    // A watcher drains only at the end of its round, so a round makes no more changes than
+    // it may fall behind by: at most two per claim a closing stream drops (its removal and
+    // the promotion of the next claim), and a stream closes once per operation at most.
+    const _: () =
+        assert!(WRITERS * OPS_PER_WRITER * 2 * WATCHED_CAPACITY.domains_per_stream <= WATCH_BUFFER);
+
+    /// One round on a fresh registry: writers and watchers start together; once the writers
+    /// are done, every watcher's view is checked against the registry. Returns how many
+    /// watchers subscribed and what each disagreeing one saw.
+    fn watch_round(seed: u64) -> (usize, Vec<String>) {
+        let registry = Registry::new("node-1", WATCHED_CAPACITY);
+        let start = Barrier::new(WRITERS + WATCHERS);
+        let writing = AtomicBool::new(true);
+        let (streams, subscriptions) = std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|writer| {
+                    let (registry, start) = (&registry, &start);
+                    scope.spawn(move || {
+                        let mut rng = fastrand::Rng::with_seed(seed * 64 + writer as u64);
+                        let mut streams: Vec<StreamHandle> = (0..STREAMS_PER_WRITER)
+                            .map(|_| registry.open_stream("writer").unwrap())
+                            .collect();
+                        start.wait();
+                        for _ in 0..OPS_PER_WRITER {
+                            let stream = rng.usize(..STREAMS_PER_WRITER);
+                            // Few VMIs, so that streams claim the same ones and hold claims.
+                            let name = format!("vm-{}", rng.usize(..3));
+                            match rng.u8(..10) {
+                                0..5 => {
+                                    let hypervisor = [
+                                        HypervisorType::Kvm,
+                                        HypervisorType::QemuTcg,
+                                        HypervisorType::Mshv,
+                                    ][rng.usize(..3)];
+                                    // Refused when the stream is full: that changes nothing.
+                                    let _ = streams[stream].upsert(domain("ns", &name, hypervisor));
+                                }
+                                5..8 => {
+                                    // Refused when the stream holds no such claim.
+                                    let _ = streams[stream].withdraw(&key("ns", &name));
+                                }
+                                _ => streams[stream] = registry.open_stream("writer").unwrap(),
+                            }
+                        }
+                        streams
+                    })
+                })
+                .collect();
+            let watchers: Vec<_> = (0..WATCHERS)
+                .map(|watcher| {
+                    let (registry, start, writing) = (&registry, &start, &writing);
+                    scope.spawn(move || {
+                        let mut rng = fastrand::Rng::with_seed(seed * 64 + 32 + watcher as u64);
+                        let mut subscriptions = Vec::new();
+                        start.wait();
+                        while writing.load(Ordering::Acquire)
+                            && subscriptions.len() < SUBSCRIPTIONS_PER_WATCHER
+                        {
+                            subscriptions.push(registry.watch());
+                            for _ in 0..rng.usize(..200) {
+                                std::hint::spin_loop();
+                            }
+                        }
+                        subscriptions
+                    })
+                })
+                .collect();
+            let streams: Vec<Vec<StreamHandle>> =
+                writers.into_iter().map(|w| w.join().unwrap()).collect();
+            writing.store(false, Ordering::Release);
+            let subscriptions: Vec<_> = watchers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect();
+            (streams, subscriptions)
+        });
+        let expected = by_identity(registry.claims());
+        let watchers = subscriptions.len();
+        let disagreements = subscriptions
+            .into_iter()
+            .enumerate()
+            .filter_map(|(watcher, (initial, changes))| {
+                let seen = match replay(initial, changes) {
+                    Ok(seen) => seen,
+                    Err(wrong) => return Some(format!("watcher {watcher} {wrong}")),
+                };
+                (seen != expected).then(|| {
+                    format!(
+                        "watcher {watcher} ends with {:?} but the registry holds {:?}",
+                        summary(&seen),
+                        summary(&expected)
+                    )
+                })
+            })
+            .collect();
+        drop(streams);
+        (watchers, disagreements)
+    }
+
+    /// A claim's identity: the VMI and the stream that claims it.
+    type Identity = (VmiKey, StreamId);
+
+    fn identity(claim: &Claim) -> Identity {
+        (
+            key(&claim.domain.namespace, &claim.domain.name),
+            claim.stream_id,
+        )
+    }
+
+    fn by_identity(claims: Vec<Claim>) -> BTreeMap<Identity, Claim> {
+        claims.into_iter().map(|c| (identity(&c), c)).collect()
+    }
+
+    /// A watcher's view: its snapshot with every change received since applied in order.
+    fn replay(
+        initial: Vec<Claim>,
+        mut changes: broadcast::Receiver<Change>,
+    ) -> Result<BTreeMap<Identity, Claim>, String> {
+        let mut view = by_identity(initial);
+        loop {
+            let change = match changes.try_recv() {
+                Ok(change) => change,
+                Err(broadcast::error::TryRecvError::Empty) => return Ok(view),
+                Err(err) => panic!("the round is larger than the watch buffer: {err}"),
+            };
+            let id = identity(&change.claim);
+            let kind = change.kind;
+            let wrong = match kind {
+                ChangeKind::Added => view.insert(id.clone(), change.claim).is_some(),
+                ChangeKind::Modified => view.insert(id.clone(), change.claim).is_none(),
+                ChangeKind::Removed => view.remove(&id).is_none(),
+            };
+            if wrong {
+                let (key, stream) = id;
+                let state = if kind == ChangeKind::Added {
+                    "already"
+                } else {
+                    "not"
+                };
+                return Err(format!(
+                    "saw {kind:?} {}/{} of stream {stream}, {state} in its view",
+                    key.namespace, key.name
+                ));
+            }
+        }
+    }
+
+    fn summary(claims: &BTreeMap<Identity, Claim>) -> Vec<String> {
+        claims
+            .values()
+            .map(|c| {
+                format!(
+                    "{}/{} of stream {}: {}{}",
+                    c.domain.namespace,
+                    c.domain.name,
+                    c.stream_id,
+                    c.hypervisor_type().label(),
+                    if c.held { ", held" } else { "" }
+                )
+            })
+            .collect()
     }
 }

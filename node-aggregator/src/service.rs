@@ -13,8 +13,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::memory::{TrimOnDrop, Trimmer};
-use crate::registry::{Limit, Registry, StreamHandle, StreamId, VmiKey};
-use crate::validate::Rejection;
+use crate::registry::{Registry, StreamHandle, StreamId, VmiKey};
+use crate::validate::{Limit, Rejection};
 
 pub struct ReportService {
     registry: Arc<Registry>,
@@ -123,7 +123,6 @@ impl ServedStream {
             apply(stream, report)
         } else {
             stream.count_rejection(Rejection::RateLimited);
-            stream.count_limit_hit(Limit::ReportsPerSecond);
             rejected(report.sequence, Rejection::RateLimited)
         };
         if ack.code != Code::Ok as i32 {

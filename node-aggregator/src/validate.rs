@@ -1,4 +1,5 @@
-//! What a report must look like before it may become a series.
+//! What a report must look like before it may become a series, and the limits
+//! that refuse too much of it.
 //!
 //! Label values end up in every scrape and every query, so they are held to
 //! Kubernetes' own rules for the objects they name.
@@ -32,6 +33,38 @@ pub enum Rejection {
     Malformed,
 }
 
+/// The limits that keep one misbehaving client from costing everyone else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Streams,
+    DomainsPerStream,
+    MessageBytes,
+    ReportsPerSecond,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 4] = [
+        Limit::Streams,
+        Limit::DomainsPerStream,
+        Limit::MessageBytes,
+        Limit::ReportsPerSecond,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The value of the `limit` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Streams => "streams",
+            Limit::DomainsPerStream => "domains_per_stream",
+            Limit::MessageBytes => "message_bytes",
+            Limit::ReportsPerSecond => "reports_per_second",
+        }
+    }
+}
+
 impl Rejection {
     /// Every reason, so each counter exists from the start (`rate()` needs a zero).
     pub const ALL: [Rejection; 10] = [
@@ -49,6 +82,23 @@ impl Rejection {
 
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The limit that refused the report, if one did: such a refusal is also a hit of
+    /// that limit.
+    pub fn limit(self) -> Option<Limit> {
+        match self {
+            Rejection::TooManyDomains => Some(Limit::DomainsPerStream),
+            Rejection::RateLimited => Some(Limit::ReportsPerSecond),
+            Rejection::Empty
+            | Rejection::InvalidNamespace
+            | Rejection::InvalidName
+            | Rejection::InvalidUid
+            | Rejection::InvalidDomainName
+            | Rejection::InvalidVersion
+            | Rejection::NotReported
+            | Rejection::Malformed => None,
+        }
     }
 
     /// The value of the `reason` label.
@@ -150,9 +200,12 @@ mod tests {
     }
 
     #[test]
-    fn every_reason_has_its_own_index() {
+    fn every_reason_and_limit_has_its_own_index() {
         for (i, reason) in Rejection::ALL.iter().enumerate() {
             assert_eq!(reason.index(), i, "{}", reason.label());
+        }
+        for (i, limit) in Limit::ALL.iter().enumerate() {
+            assert_eq!(limit.index(), i, "{}", limit.label());
         }
     }
 }
