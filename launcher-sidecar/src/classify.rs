@@ -1,4 +1,4 @@
-//! Which hypervisor backs a domain, and which VMI the domain belongs to.
+//! Which hypervisor backs a domain, and the uid of the VMI the domain belongs to.
 //!
 //! The hypervisor is the live XML's root `type` attribute (DESIGN.md,
 //! classification). Only the head of the document is read: the root element and
@@ -10,6 +10,10 @@ use hypervisor_proto::v1::HypervisorType;
 use quick_xml::NsReader;
 use quick_xml::events::Event;
 use quick_xml::name::{Namespace, ResolveResult};
+
+// The fuzz checks (tests/fuzz/src/checks.rs, replayed by tests/fuzz_regressions.rs) take
+// it from here, beside the XML they classify.
+pub use crate::domain::VmiName;
 
 const KUBEVIRT_NAMESPACE: Namespace<'static> = Namespace(b"http://kubevirt.io");
 
@@ -124,24 +128,6 @@ fn is_header_element(local_name: &[u8]) -> bool {
     )
 }
 
-/// The VMI a domain belongs to, from KubeVirt's `<namespace>_<name>` domain name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct VmiName {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl VmiName {
-    /// Namespaces cannot contain `_`, so the first one separates the two.
-    pub fn from_domain_name(domain_name: &str) -> Option<VmiName> {
-        let (namespace, name) = domain_name.split_once('_')?;
-        (!namespace.is_empty() && !name.is_empty()).then(|| VmiName {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,24 +234,5 @@ mod tests {
         // Garbage after the header cannot change the answer: it is never read.
         let garbage = format!("{}<<<&&&", &xml[..xml.find("<memory").unwrap()]);
         assert_eq!(classify_domain_xml(&garbage), domain);
-    }
-
-    #[test]
-    fn domain_names() {
-        assert_eq!(
-            VmiName::from_domain_name("default_vm-a"),
-            Some(VmiName {
-                namespace: "default".into(),
-                name: "vm-a".into()
-            })
-        );
-        // Names may contain '_' in KubeVirt's own tests; the namespace never does.
-        assert_eq!(
-            VmiName::from_domain_name("ns_vm_with_underscores").map(|v| v.name),
-            Some("vm_with_underscores".into())
-        );
-        for bad in ["no-separator", "_vm", "ns_", ""] {
-            assert_eq!(VmiName::from_domain_name(bad), None, "{bad}");
-        }
     }
 }

@@ -25,8 +25,8 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
-use crate::classify::{VmiName, classify_domain_xml};
-use crate::libvirt::{ConnectNow, Domains, RunningDomain};
+use crate::classify::classify_domain_xml;
+use crate::domain::{ConnectNow, Domains, RunningDomain, VmiName};
 
 const HOOK_NAME: &str = "kubevirt-hypervisor-metric";
 const VERSIONS: [&str; 3] = ["v1alpha1", "v1alpha2", "v1alpha3"];
@@ -179,7 +179,7 @@ impl Hooks {
             hypervisor_version: String::new(),
             paused: false,
         };
-        let domain_name = format!("{}_{}", domain.vmi.namespace, domain.vmi.name);
+        let domain_name = domain.vmi.domain_name();
         info!(
             domain = %domain_name,
             hypervisor = classified.hypervisor.label(),

@@ -24,8 +24,9 @@ use tonic::{Code, Streaming};
 use tower::service_fn;
 use tracing::{debug, info, warn};
 
+use crate::domain::{Domains, RunningDomain};
 use crate::hook::Defined;
-use crate::libvirt::{Domains, LibvirtView, RunningDomain};
+use crate::libvirt::LibvirtView;
 
 /// Where the domains to report come from: what runs, from libvirt; who each VMI is,
 /// from the OnDefineDomain hook; and only when libvirt is out of reach, the domain
@@ -455,7 +456,7 @@ fn to_proto(domain_name: &str, running: &RunningDomain) -> Domain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::VmiName;
+    use crate::domain::VmiName;
     use hypervisor_proto::v1::HypervisorType;
 
     fn domain(uid: Option<&str>, version: &str) -> RunningDomain {

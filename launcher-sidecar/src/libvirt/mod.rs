@@ -9,44 +9,38 @@
 //! [`LibvirtView`], published on a `watch` channel that the report side reads.
 //! Losing the daemon changes nothing in the set of domains: the VM runs on without it,
 //! and the next sync after reconnecting corrects whatever changed meanwhile.
+//!
+//! Whether a domain is reported, held or withdrawn is one pure function, `decision::decide`;
+//! libvirt's C callbacks sit behind the safe API of [`events`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::ffi::{CStr, c_int, c_void};
+mod decision;
+pub mod events;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::c_int;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use hypervisor_proto::v1::HypervisorType;
+use anyhow::{Context, anyhow};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 use virt::connect::Connect;
-use virt::domain::{Domain, DomainPausedReason, DomainState};
+use virt::domain::Domain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use crate::classify::{VmiName, classify_domain_xml};
+use crate::classify::classify_domain_xml;
+use crate::domain::{Domains, RunningDomain, VmiName};
+use decision::{Decision, decide};
+use events::{Noting, Pending};
 
 /// KubeVirt's non-root virt-launcher socket, then the system daemon of root VMIs.
 pub const DEFAULT_URIS: [&str; 2] = [
     "qemu+unix:///session?socket=/var/run/libvirt/virtqemud-sock",
     "qemu:///system",
 ];
-
-/// A domain that runs and is to be reported.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunningDomain {
-    pub vmi: VmiName,
-    pub uid: Option<String>,
-    pub hypervisor: HypervisorType,
-    pub hypervisor_version: String,
-    pub paused: bool,
-}
-
-/// The domains to report, by libvirt domain name.
-pub type Domains = BTreeMap<String, RunningDomain>;
 
 /// What libvirt has told the sidecar so far.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,29 +49,13 @@ pub enum LibvirtView {
     /// answers (a new daemon probes QEMU for seconds before it answers some calls).
     #[default]
     Pending,
-    /// No sync yet, and the connection attempt asked for by [`ConnectNow`] failed, so
-    /// libvirt is out of this container's reach; says why.
+    /// No sync yet, and the connection attempt asked for by
+    /// [`ConnectNow`](crate::domain::ConnectNow) failed, so libvirt is out of this
+    /// container's reach; says why.
     Unreachable(String),
     /// What runs as of the last sync, kept across reconnects: the VMs run on without
     /// the daemon.
     Synced(Domains),
-}
-
-/// Asks the watcher to try connecting at once rather than at its next backoff step.
-#[derive(Clone)]
-pub struct ConnectNow(SyncSender<()>);
-
-impl ConnectNow {
-    /// The handle, and the requests for [`Watcher::connect_requests`].
-    pub fn channel() -> (Self, Receiver<()>) {
-        let (sender, requests) = mpsc::sync_channel(1);
-        (ConnectNow(sender), requests)
-    }
-
-    /// Never blocks: one pending request is as good as many.
-    pub fn request(&self) {
-        let _ = self.0.try_send(());
-    }
 }
 
 pub struct Watcher {
@@ -86,8 +64,8 @@ pub struct Watcher {
     /// Report only this domain.
     pub only_domain: Option<String>,
     pub resync: Duration,
-    /// From [`ConnectNow`]: the caller knows the daemon is up now. If the attempt that
-    /// follows fails, the view turns [`LibvirtView::Unreachable`].
+    /// From [`ConnectNow`](crate::domain::ConnectNow): the caller knows the daemon is up
+    /// now. If the attempt that follows fails, the view turns [`LibvirtView::Unreachable`].
     pub connect_requests: Receiver<()>,
 }
 
@@ -194,25 +172,10 @@ impl Watcher {
     }
 }
 
-/// Domain names whose state changed, and whether the connection closed, as the
-/// event callbacks saw them.
-#[derive(Default)]
-struct Pending {
-    changed: BTreeSet<String>,
-    /// Had a `Defined` event: what was known of their XML is out of date, also for a
-    /// `Resumed` event that arrived with it.
-    redefined: BTreeSet<String>,
-    /// Had a `Resumed` event: their CPUs run now.
-    resumed: BTreeSet<String>,
-    closed: Option<&'static str>,
-}
-
-type SharedPending = Arc<Mutex<Pending>>;
-
 /// Follows one connection until it closes; returns why it closed.
 fn follow(conn: &Connect, tracker: &mut Tracker, resync: Duration) -> anyhow::Result<String> {
-    let pending = SharedPending::default();
-    let callbacks = Callbacks::register(conn, &pending)?;
+    let events = Noting::register(conn)
+        .map_err(|err| anyhow!("registering for domain lifecycle events: {}", err.message()))?;
     if let Err(err) = conn.set_keep_alive(5, 3) {
         warn!(err = %err.message(), "libvirt keepalive not enabled; a hung daemon goes unnoticed");
     }
@@ -229,9 +192,9 @@ fn follow(conn: &Connect, tracker: &mut Tracker, resync: Duration) -> anyhow::Re
             redefined,
             resumed,
             closed,
-        } = std::mem::take(&mut *lock(&pending));
+        } = events.take();
         if let Some(reason) = closed {
-            drop(callbacks);
+            drop(events);
             return Ok(reason.to_string());
         }
         for name in &redefined {
@@ -349,7 +312,8 @@ impl Tracker {
         }
     }
 
-    /// Reports a domain that had a `Resumed` event from its last description, if any.
+    /// Reports a domain that had a `Resumed` event from its last description, if any:
+    /// its CPUs run, and a running domain is always reported (see [`decide`]).
     fn report_resumed(&mut self, name: &str) {
         if let Some(described) = self.described.get(name) {
             let running = RunningDomain {
@@ -419,15 +383,11 @@ impl Tracker {
     ) -> Option<RunningDomain> {
         let vmi = self.tracked(name)?;
         let (state, reason) = domain.state().ok()?;
-        let paused = match state.unwrap_or(DomainState::NoState) {
-            DomainState::Running | DomainState::Blocked | DomainState::Shutdown => false,
-            DomainState::Paused | DomainState::PMSuspended => true,
-            DomainState::Shutoff | DomainState::Crashed | DomainState::NoState => return None,
+        let paused = match decide(state, reason, reported, self.first_sync) {
+            Decision::Report { paused } => paused,
+            // Held or withdrawn alike: not among the reported domains.
+            Decision::Hold | Decision::Withdraw => return None,
         };
-        if paused && !reported && !(self.first_sync && has_run(reason)) {
-            // A migration target or a domain started paused: not running here yet.
-            return None;
-        }
         let xml = match domain.xml_desc(0) {
             Ok(xml) => xml,
             Err(err) => {
@@ -451,141 +411,6 @@ fn describe(vmi: VmiName, xml: &str, version: &str, paused: bool) -> RunningDoma
         hypervisor_version: version.to_string(),
         paused,
     }
-}
-
-/// Whether a paused domain found at start has run before, judging by why it is paused.
-fn has_run(reason: virt::domain::DomainStateReasonEnum) -> bool {
-    use virt::domain::DomainStateReason;
-    match reason {
-        virt::enumutil::Enum::Known(DomainStateReason::Paused(paused)) => !matches!(
-            paused,
-            virt::enumutil::Enum::Known(
-                DomainPausedReason::Migration | DomainPausedReason::StartingUp
-            )
-        ),
-        // Suspended by the guest itself.
-        virt::enumutil::Enum::Known(DomainStateReason::PMSuspended(_)) => true,
-        _ => false,
-    }
-}
-
-/// The lifecycle and close callbacks of one connection; deregistered on drop.
-struct Callbacks<'a> {
-    conn: &'a Connect,
-    lifecycle: c_int,
-}
-
-impl<'a> Callbacks<'a> {
-    fn register(conn: &'a Connect, pending: &SharedPending) -> anyhow::Result<Self> {
-        // SAFETY: each registration hands libvirt one strong reference of `pending`,
-        // which `release` gives back when libvirt drops the callback.
-        let lifecycle = unsafe {
-            let callback: unsafe extern "C" fn(
-                sys::virConnectPtr,
-                sys::virDomainPtr,
-                c_int,
-                c_int,
-                *mut c_void,
-            ) -> c_int = on_lifecycle;
-            sys::virConnectDomainEventRegisterAny(
-                conn.as_ptr(),
-                std::ptr::null_mut(),
-                sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
-                // libvirt's VIR_DOMAIN_EVENT_CALLBACK cast: the real signature depends on the event id.
-                Some(std::mem::transmute::<
-                    unsafe extern "C" fn(
-                        sys::virConnectPtr,
-                        sys::virDomainPtr,
-                        c_int,
-                        c_int,
-                        *mut c_void,
-                    ) -> c_int,
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
-                >(callback)),
-                Arc::into_raw(Arc::clone(pending)) as *mut c_void,
-                Some(release),
-            )
-        };
-        anyhow::ensure!(
-            lifecycle >= 0,
-            "registering for domain lifecycle events: {}",
-            virt::error::Error::last_error().message()
-        );
-        let closed = unsafe {
-            sys::virConnectRegisterCloseCallback(
-                conn.as_ptr(),
-                Some(on_close),
-                Arc::into_raw(Arc::clone(pending)) as *mut c_void,
-                Some(release),
-            )
-        };
-        if closed < 0 {
-            warn!("cannot watch for the libvirt connection closing; relying on resyncs");
-        }
-        Ok(Callbacks { conn, lifecycle })
-    }
-}
-
-impl Drop for Callbacks<'_> {
-    fn drop(&mut self) {
-        // SAFETY: the id came from a successful registration on this connection.
-        unsafe {
-            sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), self.lifecycle);
-            sys::virConnectUnregisterCloseCallback(self.conn.as_ptr(), Some(on_close));
-        }
-    }
-}
-
-unsafe extern "C" fn on_lifecycle(
-    _conn: sys::virConnectPtr,
-    domain: sys::virDomainPtr,
-    event: c_int,
-    _detail: c_int,
-    opaque: *mut c_void,
-) -> c_int {
-    // SAFETY: libvirt passes back the `pending` registered with this callback, and the
-    // name pointer it returns lives as long as `domain`, which outlives this call.
-    let (pending, name) = unsafe {
-        let name = sys::virDomainGetName(domain);
-        (&*(opaque as *const Mutex<Pending>), name)
-    };
-    if !name.is_null() {
-        // The state is read again when the event is handled, so the event itself
-        // only says which domain to look at (and, for a resume, what to report meanwhile).
-        let name = unsafe { CStr::from_ptr(name) }
-            .to_string_lossy()
-            .into_owned();
-        let mut pending = lock(pending);
-        match u32::try_from(event) {
-            Ok(sys::VIR_DOMAIN_EVENT_DEFINED) => pending.redefined.insert(name.clone()),
-            Ok(sys::VIR_DOMAIN_EVENT_RESUMED) => pending.resumed.insert(name.clone()),
-            _ => false,
-        };
-        pending.changed.insert(name);
-    }
-    0
-}
-
-unsafe extern "C" fn on_close(_conn: sys::virConnectPtr, reason: c_int, opaque: *mut c_void) {
-    // SAFETY: as in on_lifecycle.
-    let pending = unsafe { &*(opaque as *const Mutex<Pending>) };
-    lock(pending).closed = Some(match reason as u32 {
-        sys::VIR_CONNECT_CLOSE_REASON_EOF => "the daemon closed the connection",
-        sys::VIR_CONNECT_CLOSE_REASON_KEEPALIVE => "the daemon stopped answering keepalives",
-        sys::VIR_CONNECT_CLOSE_REASON_CLIENT => "closed by the client",
-        _ => "connection error",
-    });
-}
-
-unsafe extern "C" fn release(opaque: *mut c_void) {
-    // SAFETY: `opaque` is one strong reference made by Arc::into_raw in register.
-    drop(unsafe { Arc::from_raw(opaque as *const Mutex<Pending>) });
-}
-
-fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
-    pending
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
