@@ -6,7 +6,7 @@
 //! Everything runs on 127.0.0.1; every loop is bounded in count and time. The gRPC clients
 //! are tonic's, with the generated `HypervisorReporterClient`; raw bytes go through
 //! `std::net::TcpStream`; a report stream whose payload is garbage uses tonic's own framing
-//! with a codec that sends bytes as they are (`RawCodec`).
+//! with a codec that sends bytes as they are (`e2e::grpc::raw_report`).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -14,25 +14,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use e2e::binaries::Aggregator;
+use e2e::grpc::{REPORT_PATH, Reporter, code_name, connect, domain, inventory, raw_report};
 use e2e::tools::{http_get, promtool_check_metrics, wait_until};
 use hypervisor_proto::v1::hypervisor_reporter_client::HypervisorReporterClient;
-use hypervisor_proto::v1::inventory_client::InventoryClient;
 use hypervisor_proto::v1::{
-    Domain, DomainKey, DomainReport, DomainState, HypervisorType, ListRequest, ReportAck, Series,
-    domain_report::Change,
+    Domain, DomainReport, HypervisorType, ReportAck, domain_report::Change,
 };
 use prost::Message;
-use prost::bytes::{Buf, BufMut};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
 /// How long one ack or one stream end may take on a busy 2-core machine; never a target.
 const ANSWER: Duration = Duration::from_secs(15);
-const REPORT_PATH: &str = "/kubevirt.hypervisor.v1.HypervisorReporter/Report";
 
 /// Prints past the test harness's output capture, so `cargo test` shows the figures.
 macro_rules! note {
@@ -50,32 +45,16 @@ fn runtime() -> Runtime {
         .expect("a tokio runtime")
 }
 
-fn domain(namespace: &str, name: &str, hypervisor: HypervisorType) -> Domain {
-    Domain {
-        namespace: namespace.into(),
-        name: name.into(),
-        uid: String::new(),
-        domain_name: format!("{namespace}_{name}"),
-        hypervisor_type: hypervisor.into(),
-        hypervisor_version: "7.2.22".into(),
-        state: DomainState::Running.into(),
-    }
-}
-
-/// One HTTP/2 connection to the aggregator's gRPC port.
-async fn connect(aggregator: &Aggregator) -> Result<Channel> {
-    Endpoint::from_shared(aggregator.grpc_url())?
-        .connect_timeout(ANSWER)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", aggregator.grpc_url()))
+/// A report stream on a connection of its own.
+async fn open_reporter(aggregator: &Aggregator) -> Result<Reporter> {
+    Reporter::open(connect(&aggregator.grpc_url(), ANSWER).await?, ANSWER).await
 }
 
 /// The well-behaved client whose series the bad input must leave alone: `vm-legit`, on
 /// /metrics by the time this returns.
 fn legit_reporter(rt: &Runtime, aggregator: &Aggregator) -> Result<Reporter> {
     let legit = rt.block_on(async {
-        let mut legit = Reporter::open(connect(aggregator).await?).await?;
+        let mut legit = open_reporter(aggregator).await?;
         legit
             .report(domain("default", "vm-legit", HypervisorType::Kvm))
             .await?;
@@ -83,178 +62,6 @@ fn legit_reporter(rt: &Runtime, aggregator: &Aggregator) -> Result<Reporter> {
     })?;
     aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
     Ok(legit)
-}
-
-/// A report stream driven by the test: each `send` waits for its ack.
-struct Reporter {
-    requests: mpsc::Sender<DomainReport>,
-    acks: Streaming<ReportAck>,
-    sequence: u64,
-}
-
-impl Reporter {
-    async fn open(channel: Channel) -> Result<Self> {
-        let (requests, stream) = mpsc::channel(64);
-        let acks = tokio::time::timeout(
-            ANSWER,
-            HypervisorReporterClient::new(channel).report(ReceiverStream::new(stream)),
-        )
-        .await
-        .context("opening a report stream timed out")?
-        .context("opening a report stream")?
-        .into_inner();
-        Ok(Reporter {
-            requests,
-            acks,
-            sequence: 0,
-        })
-    }
-
-    async fn send(&mut self, change: Option<Change>) -> Result<ReportAck> {
-        self.sequence += 1;
-        self.requests
-            .send(DomainReport {
-                sequence: self.sequence,
-                change,
-            })
-            .await
-            .context("the report stream is closed")?;
-        let ack = tokio::time::timeout(ANSWER, self.acks.message())
-            .await
-            .context("no ack in time")?
-            .context("reading the ack")?
-            .context("the stream ended instead of acking")?;
-        ensure!(
-            ack.sequence == self.sequence,
-            "ack {ack:?} for report {}",
-            self.sequence
-        );
-        Ok(ack)
-    }
-
-    async fn upsert(&mut self, domain: Domain) -> Result<ReportAck> {
-        self.send(Some(Change::Upsert(domain))).await
-    }
-
-    async fn withdraw(&mut self, namespace: &str, name: &str) -> Result<ReportAck> {
-        self.send(Some(Change::Withdraw(DomainKey {
-            namespace: namespace.into(),
-            name: name.into(),
-        })))
-        .await
-    }
-
-    /// Upserts and insists on an OK ack.
-    async fn report(&mut self, domain: Domain) -> Result<()> {
-        let ack = self.upsert(domain).await?;
-        ensure!(ack.code == Code::Ok as i32, "report refused: {ack:?}");
-        Ok(())
-    }
-
-    /// Waits until the aggregator ends the stream; returns the status it ended with
-    /// (`Code::Ok` for a clean end), skipping acks still in flight.
-    async fn end_status(&mut self) -> Result<Status> {
-        tokio::time::timeout(ANSWER, async {
-            loop {
-                match self.acks.message().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return Status::ok(""),
-                    Err(status) => return status,
-                }
-            }
-        })
-        .await
-        .context("the aggregator did not end the stream in time")
-    }
-}
-
-fn code_name(code: i32) -> String {
-    format!("{:?}", Code::from_i32(code))
-}
-
-/// Sends whatever bytes it is given as one gRPC message, framed by tonic, and decodes the
-/// answers as acks: a Report stream with a payload of our choosing.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-struct RawEncoder;
-struct AckDecoder;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = ReportAck;
-    type Encoder = RawEncoder;
-    type Decoder = AckDecoder;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> AckDecoder {
-        AckDecoder
-    }
-}
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for AckDecoder {
-    type Item = ReportAck;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<ReportAck>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        ReportAck::decode(bytes)
-            .map(Some)
-            .map_err(|err| Status::internal(err.to_string()))
-    }
-}
-
-/// Opens a Report stream that sends `messages` as raw payloads and returns how the
-/// aggregator ended it.
-async fn raw_stream(channel: Channel, messages: Vec<Vec<u8>>) -> Result<Status> {
-    let (requests, stream) = mpsc::channel(messages.len() + 1);
-    for message in messages {
-        requests.send(message).await?;
-    }
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.context("the channel is not ready")?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(REPORT_PATH);
-    let response = tokio::time::timeout(
-        ANSWER,
-        grpc.streaming(
-            tonic::Request::new(ReceiverStream::new(stream)),
-            path,
-            RawCodec,
-        ),
-    )
-    .await
-    .context("opening the raw stream timed out")?;
-    let mut acks = match response {
-        Ok(response) => response.into_inner(),
-        Err(status) => return Ok(status),
-    };
-    // Keep `requests` open: the aggregator, not the end of our input, must end the stream.
-    let status = tokio::time::timeout(ANSWER, async {
-        loop {
-            match acks.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return Status::ok(""),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .context("the aggregator did not end the raw stream in time")?;
-    drop(requests);
-    Ok(status)
 }
 
 fn counter(aggregator: &Aggregator, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
@@ -296,15 +103,6 @@ fn exposed(aggregator: &Aggregator) -> Result<Vec<(String, String)>> {
         .collect();
     series.sort();
     Ok(series)
-}
-
-async fn inventory(aggregator: &Aggregator) -> Result<Vec<Series>> {
-    let listed = InventoryClient::new(connect(aggregator).await?)
-        .list(ListRequest {})
-        .await
-        .context("Inventory/List")?
-        .into_inner();
-    Ok(listed.series)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -413,25 +211,42 @@ fn closed_by_server(stream: &mut TcpStream) -> bool {
     }
 }
 
-#[test]
-fn garbage_and_half_written_http2_on_both_ports() -> Result<()> {
-    let rt = runtime();
-    let aggregator = Aggregator::start_with(
-        "node-1",
-        &["--keepalive-interval", "1s", "--keepalive-timeout", "1s"],
-    )?;
-    let grpc = aggregator.grpc_addr();
-    let metrics = aggregator.metrics_target();
-    let mut legit = legit_reporter(&rt, &aggregator)?;
+/// Garbage sent to one port of an aggregator whose keepalive drops silent HTTP/2 connections
+/// within 2 s, with a well-behaved reporter on it.
+struct Garbage {
+    /// Connections left open half-written, each with what it is.
+    held: Vec<(String, TcpStream)>,
+    port_name: &'static str,
+    started: Instant,
+    // Dropped in this order: the reporter before its aggregator, the runtime last.
+    legit: Reporter,
+    aggregator: Aggregator,
+    rt: Runtime,
+}
 
-    let mut rng = fastrand::Rng::with_seed(0x6b76_686d);
-    let started = Instant::now();
-    // Connections left open half-written while the checks below run.
-    let mut held: Vec<(String, TcpStream)> = Vec::new();
-    for (port_name, addr) in [("gRPC", &grpc), ("metrics", &metrics)] {
-        // Random bytes, from a few bytes to a few KiB, then a close.
+impl Garbage {
+    /// Sends to the port at `addr_of`: random bytes, from a few bytes to a few KiB, some
+    /// closed after and some not; random bytes after a valid preface; and left hanging: half a
+    /// preface, a preface with half a SETTINGS frame. Returns the port's address too.
+    fn send(port_name: &'static str, addr_of: fn(&Aggregator) -> String) -> Result<(Self, String)> {
+        let rt = runtime();
+        let aggregator = Aggregator::start_with(
+            "node-1",
+            &["--keepalive-interval", "1s", "--keepalive-timeout", "1s"],
+        )?;
+        let legit = legit_reporter(&rt, &aggregator)?;
+        let addr = addr_of(&aggregator);
+        let mut garbage = Garbage {
+            held: Vec::new(),
+            port_name,
+            started: Instant::now(),
+            legit,
+            aggregator,
+            rt,
+        };
+        let mut rng = fastrand::Rng::with_seed(0x6b76_686d);
         for i in 0..20 {
-            let mut stream = tcp(addr)?;
+            let mut stream = tcp(&addr)?;
             let len = rng.usize(1..4096);
             write_ignoring_reset(&mut stream, &random_bytes(&mut rng, len));
             if i % 2 == 0 {
@@ -439,47 +254,94 @@ fn garbage_and_half_written_http2_on_both_ports() -> Result<()> {
                 let _ = read_for(&mut stream, Duration::from_millis(100));
             }
         }
-        // Random bytes after a valid preface.
         for _ in 0..10 {
-            let mut stream = tcp(addr)?;
+            let mut stream = tcp(&addr)?;
             let mut bytes = PREFACE.to_vec();
             let len = rng.usize(1..2048);
             bytes.extend(random_bytes(&mut rng, len));
             write_ignoring_reset(&mut stream, &bytes);
         }
-        // Half a preface, and a preface with half a SETTINGS frame: left hanging.
-        let mut half_preface = tcp(addr)?;
+        let mut half_preface = tcp(&addr)?;
         write_ignoring_reset(&mut half_preface, &PREFACE[..10]);
-        held.push((format!("{port_name}: half a preface"), half_preface));
-        let mut half_settings = tcp(addr)?;
+        garbage.hold("half a preface", half_preface);
+        let mut half_settings = tcp(&addr)?;
         let mut bytes = PREFACE.to_vec();
         bytes.extend(&frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100])[..12]);
         write_ignoring_reset(&mut half_settings, &bytes);
-        held.push((format!("{port_name}: half a SETTINGS frame"), half_settings));
+        garbage.hold("half a SETTINGS frame", half_settings);
+        Ok((garbage, addr))
     }
 
-    // The metrics port speaks HTTP/1.1: half a request line, and a request with a 1 MiB header.
-    let mut half_request = tcp(&metrics)?;
-    write_ignoring_reset(&mut half_request, b"GET /metr");
-    held.push(("metrics: half a request line".into(), half_request));
-    let mut huge_header = tcp(&metrics)?;
-    let mut request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
-    request.extend(std::iter::repeat_n(b'a', 1 << 20));
-    request.extend(b"\r\n\r\n");
-    write_ignoring_reset(&mut huge_header, &request);
-    let (answer, _) = read_for(&mut huge_header, Duration::from_secs(2));
-    let status_line = String::from_utf8_lossy(&answer)
-        .lines()
-        .next()
-        .unwrap_or("(connection closed without an answer)")
-        .to_string();
-    note!("metrics: a 1 MiB request header → {status_line}");
-    ensure!(
-        !status_line.contains(" 200 "),
-        "a 1 MiB header was served: {status_line}"
-    );
+    /// Leaves `stream` open; the aggregator must close it in time.
+    fn hold(&mut self, what: &str, stream: TcpStream) {
+        self.held
+            .push((format!("{}: {what}", self.port_name), stream));
+    }
 
-    // gRPC port: the server's SETTINGS carry the per-connection stream limit.
+    /// With all of the garbage still open: the legit stream's series is untouched, it still
+    /// gets answers, a new stream works, and so do /metrics and the inventory. Then the
+    /// aggregator closes every held connection in time.
+    fn served_throughout_then_closed(mut self) -> Result<()> {
+        let aggregator = &self.aggregator;
+        ensure!(
+            exposed(aggregator)? == [("vm-legit".to_string(), "kvm".to_string())],
+            "the legit series changed: {:?}",
+            exposed(aggregator)?
+        );
+        let legit = &mut self.legit;
+        self.rt.block_on(async {
+            legit
+                .report(domain("default", "vm-legit", HypervisorType::QemuTcg))
+                .await?;
+            let mut fresh = open_reporter(aggregator).await?;
+            fresh
+                .report(domain("default", "vm-fresh", HypervisorType::Kvm))
+                .await?;
+            let listed = inventory(&aggregator.grpc_url(), ANSWER).await?;
+            ensure!(listed.len() == 2, "Inventory/List: {listed:?}");
+            drop(fresh);
+            anyhow::Ok(())
+        })?;
+        aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
+        ensure!(exposed(aggregator)? == [("vm-legit".to_string(), "qemu-tcg".to_string())]);
+        promtool_check_metrics(&aggregator.metrics()?)?;
+        http_get(&aggregator.url("/healthz"))?;
+        note!(
+            "garbage on the {} port: served throughout ({:?})",
+            self.port_name,
+            self.started.elapsed()
+        );
+
+        // No half-written connection may hold a descriptor for long: silent HTTP/2 connections
+        // answer no ping and fall to the keepalive (1 s + 1 s here), ones that never finish the
+        // HTTP/2 preface to the aggregator's 10 s preface deadline, and half an HTTP/1.1 request
+        // to the metrics port's 10 s header deadline.
+        let mut open: Vec<String> = self.held.iter().map(|(what, _)| what.clone()).collect();
+        let closing = wait_until(
+            Duration::from_secs(30),
+            "every half-written connection to be closed by the aggregator",
+            || {
+                open = self
+                    .held
+                    .iter_mut()
+                    .filter_map(|(what, stream)| (!closed_by_server(stream)).then(|| what.clone()))
+                    .collect();
+                Ok(open.is_empty().then_some(()))
+            },
+        );
+        note!(
+            "after {:?}, half-written connections the aggregator still holds open: {open:?}",
+            self.started.elapsed()
+        );
+        closing
+    }
+}
+
+#[test]
+fn garbage_and_half_written_http2_on_the_grpc_port() -> Result<()> {
+    let (mut garbage, grpc) = Garbage::send("gRPC", Aggregator::grpc_addr)?;
+
+    // The server's SETTINGS carry the per-connection stream limit.
     let mut settings = tcp(&grpc)?;
     let mut bytes = PREFACE.to_vec();
     bytes.extend(frame(SETTINGS, 0, 0, &[]));
@@ -499,9 +361,9 @@ fn garbage_and_half_written_http2_on_both_ports() -> Result<()> {
         max_concurrent_streams == Some(16),
         "--max-streams-per-connection defaults to 16, the server announced {max_concurrent_streams:?}"
     );
-    held.push(("gRPC: preface and SETTINGS, then nothing".into(), settings));
+    garbage.hold("preface and SETTINGS, then nothing", settings);
 
-    // gRPC port: a HEADERS frame whose HPACK block is garbage → GOAWAY.
+    // A HEADERS frame whose HPACK block is garbage → GOAWAY.
     let mut bad_hpack = tcp(&grpc)?;
     let mut bytes = PREFACE.to_vec();
     bytes.extend(frame(SETTINGS, 0, 0, &[]));
@@ -521,8 +383,8 @@ fn garbage_and_half_written_http2_on_both_ports() -> Result<()> {
         "garbage HPACK neither got a GOAWAY nor a close"
     );
 
-    // gRPC port: a real Report call whose first message claims to be 4 GiB long.
-    let limit_before = limit_hits(&aggregator, "message_bytes")?;
+    // A real Report call whose first message claims to be 4 GiB long.
+    let limit_before = limit_hits(&garbage.aggregator, "message_bytes")?;
     let mut huge_prefix = tcp(&grpc)?;
     let mut bytes = PREFACE.to_vec();
     bytes.extend(frame(SETTINGS, 0, 0, &[]));
@@ -534,65 +396,41 @@ fn garbage_and_half_written_http2_on_both_ports() -> Result<()> {
     wait_until(
         ANSWER,
         "a 4 GiB length prefix to count as a message_bytes limit hit",
-        || Ok((limit_hits(&aggregator, "message_bytes")? > limit_before).then_some(())),
+        || Ok((limit_hits(&garbage.aggregator, "message_bytes")? > limit_before).then_some(())),
     )?;
     note!("gRPC: a message claiming 4 GiB → refused and counted (limit=\"message_bytes\")");
-    held.push((
-        "gRPC: a Report call after a refused 4 GiB message".into(),
-        huge_prefix,
-    ));
+    garbage.hold("a Report call after a refused 4 GiB message", huge_prefix);
 
-    // With all of that still open: the legit stream's series is untouched, it still gets
-    // answers, a new stream works, and so do /metrics and the inventory.
+    garbage.served_throughout_then_closed()
+}
+
+/// The metrics port speaks HTTP/1.1; HTTP/2 garbage and half-written HTTP/1.1 requests.
+#[test]
+fn garbage_and_half_written_requests_on_the_metrics_port() -> Result<()> {
+    let (mut garbage, metrics) = Garbage::send("metrics", Aggregator::metrics_target)?;
+
+    // Half a request line, and a request with a 1 MiB header.
+    let mut half_request = tcp(&metrics)?;
+    write_ignoring_reset(&mut half_request, b"GET /metr");
+    garbage.hold("half a request line", half_request);
+    let mut huge_header = tcp(&metrics)?;
+    let mut request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    request.extend(std::iter::repeat_n(b'a', 1 << 20));
+    request.extend(b"\r\n\r\n");
+    write_ignoring_reset(&mut huge_header, &request);
+    let (answer, _) = read_for(&mut huge_header, Duration::from_secs(2));
+    let status_line = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("(connection closed without an answer)")
+        .to_string();
+    note!("metrics: a 1 MiB request header → {status_line}");
     ensure!(
-        exposed(&aggregator)? == [("vm-legit".to_string(), "kvm".to_string())],
-        "the legit series changed: {:?}",
-        exposed(&aggregator)?
-    );
-    rt.block_on(async {
-        legit
-            .report(domain("default", "vm-legit", HypervisorType::QemuTcg))
-            .await?;
-        let mut fresh = Reporter::open(connect(&aggregator).await?).await?;
-        fresh
-            .report(domain("default", "vm-fresh", HypervisorType::Kvm))
-            .await?;
-        let listed = inventory(&aggregator).await?;
-        ensure!(listed.len() == 2, "Inventory/List: {listed:?}");
-        drop(fresh);
-        anyhow::Ok(())
-    })?;
-    aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
-    ensure!(exposed(&aggregator)? == [("vm-legit".to_string(), "qemu-tcg".to_string())]);
-    promtool_check_metrics(&aggregator.metrics()?)?;
-    http_get(&aggregator.url("/healthz"))?;
-    note!(
-        "garbage on both ports: served throughout ({:?})",
-        started.elapsed()
+        !status_line.contains(" 200 "),
+        "a 1 MiB header was served: {status_line}"
     );
 
-    // No half-written connection may hold a descriptor for long: silent HTTP/2 connections
-    // answer no ping and fall to the keepalive (1 s + 1 s here), ones that never finish the
-    // HTTP/2 preface to the aggregator's 10 s preface deadline, and half an HTTP/1.1 request
-    // to the metrics port's 10 s header deadline.
-    let mut open: Vec<String> = held.iter().map(|(what, _)| what.clone()).collect();
-    let closing = wait_until(
-        Duration::from_secs(30),
-        "every half-written connection to be closed by the aggregator",
-        || {
-            open = held
-                .iter_mut()
-                .filter_map(|(what, stream)| (!closed_by_server(stream)).then(|| what.clone()))
-                .collect();
-            Ok(open.is_empty().then_some(()))
-        },
-    );
-    note!(
-        "after {:?}, half-written connections the aggregator still holds open: {open:?}",
-        started.elapsed()
-    );
-    closing?;
-    Ok(())
+    garbage.served_throughout_then_closed()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -603,7 +441,7 @@ fn malformed_and_oversized_protobuf_end_only_their_own_stream() -> Result<()> {
     let rt = runtime();
     let aggregator = Aggregator::start_with("node-1", &["--max-message-bytes", "4096"])?;
     let _legit = rt.block_on(async {
-        let mut legit = Reporter::open(connect(&aggregator).await?).await?;
+        let mut legit = open_reporter(&aggregator).await?;
         legit
             .report(domain("default", "vm-legit", HypervisorType::Kvm))
             .await?;
@@ -624,7 +462,7 @@ fn malformed_and_oversized_protobuf_end_only_their_own_stream() -> Result<()> {
                 vec![0x08, 0x01, 0x12, 0x05, 0x0a, 0x03, b'a'],
             ),
         ];
-        let channel = connect(&aggregator).await?;
+        let channel = connect(&aggregator.grpc_url(), ANSWER).await?;
         for (i, (what, payload)) in garbage.into_iter().enumerate() {
             let name = format!("vm-garbage-{i}");
             let good = DomainReport {
@@ -636,7 +474,7 @@ fn malformed_and_oversized_protobuf_end_only_their_own_stream() -> Result<()> {
                 ))),
             }
             .encode_to_vec();
-            let status = raw_stream(channel.clone(), vec![good, payload]).await?;
+            let status = raw_report(channel.clone(), vec![good, payload], ANSWER).await?;
             note!(
                 "malformed protobuf ({what}) → stream ended with {:?}: {}",
                 status.code(),
@@ -649,17 +487,12 @@ fn malformed_and_oversized_protobuf_end_only_their_own_stream() -> Result<()> {
         }
 
         // Oversized: a well-formed report over --max-message-bytes.
-        let mut big = Reporter::open(connect(&aggregator).await?).await?;
+        let mut big = open_reporter(&aggregator).await?;
         big.report(domain("default", "vm-big", HypervisorType::Kvm))
             .await?;
         let mut huge = domain("default", "vm-big", HypervisorType::Kvm);
         huge.hypervisor_version = "9".repeat(20_000);
-        big.requests
-            .send(DomainReport {
-                sequence: 2,
-                change: Some(Change::Upsert(huge)),
-            })
-            .await?;
+        big.queue(Some(Change::Upsert(huge))).await?;
         let status = big.end_status().await?;
         note!(
             "oversized protobuf (20 kB > --max-message-bytes 4096) → {:?}: {}",
@@ -707,7 +540,7 @@ async fn flood(aggregator: &Aggregator, round: usize) -> Result<Flood> {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..FLOOD_CONNECTIONS {
-        let channel = connect(aggregator).await?;
+        let channel = connect(&aggregator.grpc_url(), ANSWER).await?;
         for s in 0..FLOOD_PER_CONNECTION {
             let channel = channel.clone();
             tasks.spawn(async move {
@@ -757,6 +590,87 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1 << 20)
 }
 
+/// One flood of [`ten_thousand_streams_from_one_client`], checked while it is open and after
+/// its client went away; returns the aggregator's RSS then. `refused_total` counts the
+/// refusals of all rounds so far.
+fn flood_round(
+    rt: &Runtime,
+    aggregator: &Aggregator,
+    legit: &mut Reporter,
+    round: usize,
+    refused_total: &mut usize,
+    baseline: u64,
+) -> Result<u64> {
+    let flood = rt.block_on(flood(aggregator, round))?;
+    let peak = aggregator.rss_bytes()?;
+    let exhausted = flood
+        .refusals
+        .iter()
+        .filter(|s| s.code() == Code::ResourceExhausted)
+        .count();
+    note!(
+        "round {round}: 10,000 stream opens in {:?}: {} accepted ({} acked their report), \
+         {} refused ({exhausted} RESOURCE_EXHAUSTED); first other refusal: {:?}",
+        flood.took,
+        flood.accepted.len(),
+        flood.acked,
+        flood.refusals.len(),
+        flood
+            .refusals
+            .iter()
+            .find(|s| s.code() != Code::ResourceExhausted)
+    );
+    ensure!(
+        flood.accepted.len() == FLOOD_MAX_STREAMS - 1,
+        "with the legit stream open, exactly {} more fit under --max-streams {FLOOD_MAX_STREAMS}",
+        FLOOD_MAX_STREAMS - 1
+    );
+    ensure!(
+        flood.acked == flood.accepted.len(),
+        "every accepted stream got its ack"
+    );
+    ensure!(
+        exhausted == flood.refusals.len(),
+        "every refusal is RESOURCE_EXHAUSTED"
+    );
+    *refused_total += flood.refusals.len();
+    ensure!(streams_open(aggregator)? == FLOOD_MAX_STREAMS as f64);
+    ensure!(
+        limit_hits(aggregator, "streams")? == *refused_total as f64,
+        "limit_hits_total{{limit=\"streams\"}} counts each refusal"
+    );
+    ensure!(aggregator.series()?.len() == FLOOD_MAX_STREAMS);
+    let during = rt.block_on(async {
+        let started = Instant::now();
+        legit
+            .report(domain("default", "vm-legit", HypervisorType::QemuTcg))
+            .await?;
+        legit
+            .report(domain("default", "vm-legit", HypervisorType::Kvm))
+            .await?;
+        anyhow::Ok(started.elapsed())
+    })?;
+
+    // The client goes away: every stream and its series with it.
+    let closing = Instant::now();
+    drop(flood);
+    wait_until(ANSWER, "the flood's streams to close", || {
+        Ok((streams_open(aggregator)? == 1.0).then_some(()))
+    })?;
+    aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
+    ensure!(exposed(aggregator)? == [("vm-legit".to_string(), "kvm".to_string())]);
+    let after = aggregator.rss_bytes()?;
+    note!(
+        "round {round}: two legit acks with 512 streams open took {during:?}; flood closed → \
+         streams_open 1 in {:?}; RSS {:.1} MiB with the flood, {:.1} MiB after (baseline {:.1} MiB)",
+        closing.elapsed(),
+        mib(peak),
+        mib(after),
+        mib(baseline)
+    );
+    Ok(after)
+}
+
 /// 10,000 report streams from one client process, three times over: 40 HTTP/2 connections
 /// with 250 concurrent streams each, against `--max-streams 512`.
 #[test]
@@ -779,73 +693,14 @@ fn ten_thousand_streams_from_one_client() -> Result<()> {
     let mut after_rounds = Vec::new();
     let mut refused_total = 0;
     for round in 0..ROUNDS {
-        let flood = rt.block_on(flood(&aggregator, round))?;
-        let peak = aggregator.rss_bytes()?;
-        let exhausted = flood
-            .refusals
-            .iter()
-            .filter(|s| s.code() == Code::ResourceExhausted)
-            .count();
-        note!(
-            "round {round}: 10,000 stream opens in {:?}: {} accepted ({} acked their report), \
-             {} refused ({exhausted} RESOURCE_EXHAUSTED); first other refusal: {:?}",
-            flood.took,
-            flood.accepted.len(),
-            flood.acked,
-            flood.refusals.len(),
-            flood
-                .refusals
-                .iter()
-                .find(|s| s.code() != Code::ResourceExhausted)
-        );
-        ensure!(
-            flood.accepted.len() == FLOOD_MAX_STREAMS - 1,
-            "with the legit stream open, exactly {} more fit under --max-streams {FLOOD_MAX_STREAMS}",
-            FLOOD_MAX_STREAMS - 1
-        );
-        ensure!(
-            flood.acked == flood.accepted.len(),
-            "every accepted stream got its ack"
-        );
-        ensure!(
-            exhausted == flood.refusals.len(),
-            "every refusal is RESOURCE_EXHAUSTED"
-        );
-        refused_total += flood.refusals.len();
-        ensure!(streams_open(&aggregator)? == FLOOD_MAX_STREAMS as f64);
-        ensure!(
-            limit_hits(&aggregator, "streams")? == refused_total as f64,
-            "limit_hits_total{{limit=\"streams\"}} counts each refusal"
-        );
-        ensure!(aggregator.series()?.len() == FLOOD_MAX_STREAMS);
-        let during = rt.block_on(async {
-            let started = Instant::now();
-            legit
-                .report(domain("default", "vm-legit", HypervisorType::QemuTcg))
-                .await?;
-            legit
-                .report(domain("default", "vm-legit", HypervisorType::Kvm))
-                .await?;
-            anyhow::Ok(started.elapsed())
-        })?;
-
-        // The client goes away: every stream and its series with it.
-        let closing = Instant::now();
-        drop(flood);
-        wait_until(ANSWER, "the flood's streams to close", || {
-            Ok((streams_open(&aggregator)? == 1.0).then_some(()))
-        })?;
-        aggregator.wait_for_names(&["vm-legit"], ANSWER)?;
-        ensure!(exposed(&aggregator)? == [("vm-legit".to_string(), "kvm".to_string())]);
-        let after = aggregator.rss_bytes()?;
-        note!(
-            "round {round}: two legit acks with 512 streams open took {during:?}; flood closed → \
-             streams_open 1 in {:?}; RSS {:.1} MiB with the flood, {:.1} MiB after (baseline {:.1} MiB)",
-            closing.elapsed(),
-            mib(peak),
-            mib(after),
-            mib(baseline)
-        );
+        let after = flood_round(
+            &rt,
+            &aggregator,
+            &mut legit,
+            round,
+            &mut refused_total,
+            baseline,
+        )?;
         after_rounds.push(after);
     }
     // Memory. The aggregator hands freed memory back to the system about a second after
@@ -854,6 +709,10 @@ fn ten_thousand_streams_from_one_client() -> Result<()> {
     // would exceed.
     let growth_allowed: u64 = 8 << 20;
     let bound = baseline + growth_allowed;
+    let rounded: Vec<f64> = after_rounds
+        .iter()
+        .map(|&b| (mib(b) * 10.0).round() / 10.0)
+        .collect();
     let mut settled = after_rounds[ROUNDS - 1];
     let previous = after_rounds[ROUNDS - 2];
     wait_until(Duration::from_secs(10), "RSS to settle", || {
@@ -864,10 +723,7 @@ fn ten_thousand_streams_from_one_client() -> Result<()> {
         format!(
             "aggregator RSS after each round {:?} MiB, now {:.1} MiB: the last round added more \
              than {:.1} MiB, or it is over the baseline {:.1} MiB + 8 MiB",
-            after_rounds
-                .iter()
-                .map(|&b| (mib(b) * 10.0).round() / 10.0)
-                .collect::<Vec<_>>(),
+            rounded,
             mib(settled),
             mib(growth_allowed),
             mib(baseline)
@@ -877,10 +733,7 @@ fn ten_thousand_streams_from_one_client() -> Result<()> {
         "aggregator RSS: baseline {:.1} MiB, after each of {ROUNDS} floods {:?} MiB, now {:.1} MiB \
          ({})",
         mib(baseline),
-        after_rounds
-            .iter()
-            .map(|&b| (mib(b) * 10.0).round() / 10.0)
-            .collect::<Vec<_>>(),
+        rounded,
         mib(settled),
         if settled <= baseline + (8 << 20) {
             "back at the baseline"
@@ -991,7 +844,7 @@ fn connection_floods_leave_the_aggregator_no_larger() -> Result<()> {
             legit
                 .report(domain("default", "vm-legit", hypervisor))
                 .await?;
-            inventory(&aggregator).await
+            inventory(&aggregator.grpc_url(), ANSWER).await
         })?;
         ensure!(
             listed.len() == 1
@@ -1058,7 +911,7 @@ fn slow_clients_do_not_hold_up_others() -> Result<()> {
         let mut pumps = tokio::task::JoinSet::new();
         for i in 0..SLOW {
             // A connection each: an unread stream holds its connection's flow-control window.
-            let channel = connect(&aggregator).await?;
+            let channel = connect(&aggregator.grpc_url(), ANSWER).await?;
             let (requests, stream) = mpsc::channel::<DomainReport>(16);
             let acks = HypervisorReporterClient::new(channel)
                 .report(ReceiverStream::new(stream))
@@ -1098,7 +951,7 @@ fn slow_clients_do_not_hold_up_others() -> Result<()> {
 
     // With every slow stream stuck, a well-behaved stream is answered at once.
     let latencies = rt.block_on(async {
-        let mut legit = Reporter::open(connect(&aggregator).await?).await?;
+        let mut legit = open_reporter(&aggregator).await?;
         let mut latencies = Vec::new();
         for i in 0..20 {
             let started = Instant::now();
@@ -1112,7 +965,7 @@ fn slow_clients_do_not_hold_up_others() -> Result<()> {
                 .await?;
             latencies.push(started.elapsed());
         }
-        let listed = inventory(&aggregator).await?;
+        let listed = inventory(&aggregator.grpc_url(), ANSWER).await?;
         ensure!(
             listed
                 .iter()
@@ -1150,74 +1003,77 @@ fn slow_clients_do_not_hold_up_others() -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // Names and ownership
 
+/// Reports the aggregator must refuse: (what, the domain, the reason it counts).
+fn invalid_reports() -> Vec<(&'static str, Domain, &'static str)> {
+    let long_name = format!("{}a", "a.".repeat(127));
+    let d = |ns: &str, name: &str| domain(ns, name, HypervisorType::Kvm);
+    let with = |f: &dyn Fn(&mut Domain)| {
+        let mut vm = d("default", "vm-a");
+        f(&mut vm);
+        vm
+    };
+    vec![
+        (
+            "namespace with '_'",
+            d("bad_ns", "vm-a"),
+            "invalid_namespace",
+        ),
+        (
+            "upper-case namespace",
+            d("Default", "vm-a"),
+            "invalid_namespace",
+        ),
+        (
+            "64-character namespace",
+            d(&"a".repeat(64), "vm-a"),
+            "invalid_namespace",
+        ),
+        ("empty namespace", d("", "vm-a"), "invalid_namespace"),
+        ("upper-case name", d("default", "VM-A"), "invalid_name"),
+        (
+            "255-character name",
+            d("default", &long_name),
+            "invalid_name",
+        ),
+        (
+            "a name that injects a series",
+            d("default", "vm\"} 1\nkubevirt_vmi_hypervisor_info{name=\"x"),
+            "invalid_name",
+        ),
+        ("empty name", d("default", ""), "invalid_name"),
+        (
+            "uid that is no UUID",
+            with(&|vm| vm.uid = "not-a-uuid".into()),
+            "invalid_uid",
+        ),
+        (
+            "uid one digit short",
+            with(&|vm| vm.uid = "6f1e9cde-8c1a-4a0e-9d43-2d2a1d5b7c1".into()),
+            "invalid_uid",
+        ),
+        (
+            "domain name with a newline",
+            with(&|vm| vm.domain_name = "default_vm-a\n".into()),
+            "invalid_domain_name",
+        ),
+        (
+            "version with a newline",
+            with(&|vm| vm.hypervisor_version = "7.2\n".into()),
+            "invalid_version",
+        ),
+        (
+            "65-character version",
+            with(&|vm| vm.hypervisor_version = "9".repeat(65)),
+            "invalid_version",
+        ),
+    ]
+}
+
 #[test]
 fn invalid_names_are_refused_and_counted_by_reason() -> Result<()> {
     let rt = runtime();
     let aggregator = Aggregator::start("node-1")?;
-    let long_name = format!("{}a", "a.".repeat(127));
-    let cases: Vec<(&str, Domain, &str)> = {
-        let d = |ns: &str, name: &str| domain(ns, name, HypervisorType::Kvm);
-        let with = |f: &dyn Fn(&mut Domain)| {
-            let mut vm = d("default", "vm-a");
-            f(&mut vm);
-            vm
-        };
-        vec![
-            (
-                "namespace with '_'",
-                d("bad_ns", "vm-a"),
-                "invalid_namespace",
-            ),
-            (
-                "upper-case namespace",
-                d("Default", "vm-a"),
-                "invalid_namespace",
-            ),
-            (
-                "64-character namespace",
-                d(&"a".repeat(64), "vm-a"),
-                "invalid_namespace",
-            ),
-            ("empty namespace", d("", "vm-a"), "invalid_namespace"),
-            ("upper-case name", d("default", "VM-A"), "invalid_name"),
-            (
-                "255-character name",
-                d("default", &long_name),
-                "invalid_name",
-            ),
-            (
-                "a name that injects a series",
-                d("default", "vm\"} 1\nkubevirt_vmi_hypervisor_info{name=\"x"),
-                "invalid_name",
-            ),
-            ("empty name", d("default", ""), "invalid_name"),
-            (
-                "uid that is no UUID",
-                with(&|vm| vm.uid = "not-a-uuid".into()),
-                "invalid_uid",
-            ),
-            (
-                "uid one digit short",
-                with(&|vm| vm.uid = "6f1e9cde-8c1a-4a0e-9d43-2d2a1d5b7c1".into()),
-                "invalid_uid",
-            ),
-            (
-                "domain name with a newline",
-                with(&|vm| vm.domain_name = "default_vm-a\n".into()),
-                "invalid_domain_name",
-            ),
-            (
-                "version with a newline",
-                with(&|vm| vm.hypervisor_version = "7.2\n".into()),
-                "invalid_version",
-            ),
-            (
-                "65-character version",
-                with(&|vm| vm.hypervisor_version = "9".repeat(65)),
-                "invalid_version",
-            ),
-        ]
-    };
+    let cases = invalid_reports();
     let reasons = [
         "empty",
         "invalid_namespace",
@@ -1231,7 +1087,7 @@ fn invalid_names_are_refused_and_counted_by_reason() -> Result<()> {
         .map(|r| rejected(&aggregator, r))
         .collect::<Result<_>>()?;
     let _stream = rt.block_on(async {
-        let mut stream = Reporter::open(connect(&aggregator).await?).await?;
+        let mut stream = open_reporter(&aggregator).await?;
         for (what, vm, reason) in &cases {
             let ack = stream.upsert(vm.clone()).await?;
             eprintln!(
@@ -1281,8 +1137,8 @@ fn a_stream_cannot_erase_or_take_another_streams_vmi() -> Result<()> {
     let aggregator = Aggregator::start("node-1")?;
     let kvm = || ("vm-a".to_string(), "kvm".to_string());
     let (owner, mut other) = rt.block_on(async {
-        let mut owner = Reporter::open(connect(&aggregator).await?).await?;
-        let mut other = Reporter::open(connect(&aggregator).await?).await?;
+        let mut owner = open_reporter(&aggregator).await?;
+        let mut other = open_reporter(&aggregator).await?;
         owner
             .report(domain("default", "vm-a", HypervisorType::Kvm))
             .await?;
@@ -1311,7 +1167,7 @@ fn a_stream_cannot_erase_or_take_another_streams_vmi() -> Result<()> {
             .upsert(domain("default", "vm-a", HypervisorType::QemuTcg))
             .await?;
         note!("second claim → {} \"{}\"", code_name(ack.code), ack.message);
-        inventory(&aggregator).await
+        inventory(&aggregator.grpc_url(), ANSWER).await
     })?;
     ensure!(
         exposed(&aggregator)? == [kvm()],
@@ -1363,7 +1219,7 @@ fn a_stream_cannot_erase_or_take_another_streams_vmi() -> Result<()> {
             &[]
         )? == 0.0
     );
-    let listed = rt.block_on(inventory(&aggregator))?;
+    let listed = rt.block_on(inventory(&aggregator.grpc_url(), ANSWER))?;
     ensure!(
         listed.len() == 1 && !listed[0].held,
         "after the take-over: {listed:?}"
@@ -1388,7 +1244,7 @@ fn per_stream_limits_refuse_only_the_excess() -> Result<()> {
     )?;
     let streams = rt.block_on(async {
         // Domains per stream: the fifth VMI is refused, the stream goes on.
-        let mut many = Reporter::open(connect(&aggregator).await?).await?;
+        let mut many = open_reporter(&aggregator).await?;
         for i in 0..4 {
             many.report(domain("default", &format!("vm-{i}"), HypervisorType::Kvm))
                 .await?;
@@ -1406,28 +1262,18 @@ fn per_stream_limits_refuse_only_the_excess() -> Result<()> {
             .await?;
 
         // Reports per second: a burst of 40 on another stream, acks read afterwards.
-        let mut burst = Reporter::open(connect(&aggregator).await?).await?;
+        let mut burst = open_reporter(&aggregator).await?;
         let started = Instant::now();
         for i in 1..=40u64 {
             let mut vm = domain("default", "vm-burst", HypervisorType::Kvm);
             vm.hypervisor_version = format!("7.2.{i}");
-            burst
-                .requests
-                .send(DomainReport {
-                    sequence: i,
-                    change: Some(Change::Upsert(vm)),
-                })
-                .await?;
+            burst.queue(Some(Change::Upsert(vm))).await?;
         }
         let mut codes = Vec::new();
         for _ in 0..40 {
-            let ack = tokio::time::timeout(ANSWER, burst.acks.message())
-                .await??
-                .context("stream ended")?;
-            codes.push(ack.code);
+            codes.push(burst.next_ack().await?.code);
         }
         let took = started.elapsed();
-        burst.sequence = 40;
         let ok = codes.iter().filter(|&&c| c == 0).count();
         let limited = codes
             .iter()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use e2e::binaries::{Aggregator, Sidecar};
-use e2e::libvirt::{GuestKind, LibvirtDaemon, kvm_unusable_reason};
+use e2e::libvirt::{GuestKind, LibvirtDaemon, skip_without_kvm};
 use e2e::prometheus::Prometheus;
 use e2e::tools::{grpcurl, promtool_check_metrics, wait_until};
 
@@ -53,20 +53,17 @@ fn guests_are_reported_with_their_hypervisor_and_labels() -> Result<()> {
         ]
     );
 
-    match kvm_unusable_reason() {
-        Some(reason) => eprintln!("SKIPPED the KVM guest: {reason}"),
-        None => {
-            daemon.start_guest("default_vm-kvm", GuestKind::Kvm, false)?;
-            let _kvm = sidecar_for(&daemon, &aggregator, "default_vm-kvm")?;
-            aggregator.wait_for_names(&["vm-kvm", "vm-tcg"], APPEAR)?;
-            let kvm = aggregator
-                .series()?
-                .into_iter()
-                .find(|labels| labels["name"] == "vm-kvm")
-                .context("vm-kvm vanished")?;
-            assert_eq!(kvm["hypervisor_type"], "kvm");
-            assert_eq!(kvm["namespace"], "default");
-        }
+    if !skip_without_kvm("the KVM guest")? {
+        daemon.start_guest("default_vm-kvm", GuestKind::Kvm, false)?;
+        let _kvm = sidecar_for(&daemon, &aggregator, "default_vm-kvm")?;
+        aggregator.wait_for_names(&["vm-kvm", "vm-tcg"], APPEAR)?;
+        let kvm = aggregator
+            .series()?
+            .into_iter()
+            .find(|labels| labels["name"] == "vm-kvm")
+            .context("vm-kvm vanished")?;
+        assert_eq!(kvm["hypervisor_type"], "kvm");
+        assert_eq!(kvm["namespace"], "default");
     }
     Ok(())
 }
@@ -200,8 +197,7 @@ fn a_guest_started_paused_is_reported_only_once_it_runs() -> Result<()> {
 
 #[test]
 fn a_guest_redefined_while_shut_off_is_reported_with_its_new_hypervisor() -> Result<()> {
-    if let Some(reason) = kvm_unusable_reason() {
-        eprintln!("SKIPPED: the redefinition switches a guest from TCG to KVM: {reason}");
+    if skip_without_kvm("the redefinition, which switches a guest from TCG to KVM")? {
         return Ok(());
     }
     let daemon = LibvirtDaemon::start()?;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use e2e::libvirt::{GuestKind, LibvirtDaemon, TEST_USER, guest_uid, kvm_unusable_reason};
+use e2e::libvirt::{GuestKind, LibvirtDaemon, TEST_USER, guest_uid, skip_without_kvm};
 use e2e::prometheus::Prometheus;
 use e2e::tools::{free_port, grpcurl, http_get, promtool_check_metrics, wait_until};
 
@@ -126,8 +126,7 @@ fn drop_kills_guests_when_the_daemon_is_dead() -> Result<()> {
 
 #[test]
 fn kvm_guest_starts_unless_kvm_is_unusable() -> Result<()> {
-    if let Some(reason) = kvm_unusable_reason() {
-        eprintln!("skipping the KVM guest: {reason}");
+    if skip_without_kvm("the KVM guest")? {
         return Ok(());
     }
     let daemon = LibvirtDaemon::start()?;

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
-use e2e::binaries::{Aggregator, Sidecar};
+use e2e::binaries::{Aggregator, SidecarPod};
+use e2e::launcher_pod::SIDECAR;
 use e2e::libvirt::{GuestKind, LibvirtDaemon, guest_uid};
 use e2e::tools::{TOOL_TIMEOUT, run_with_timeout, wait_until};
 use launcher_sidecar::hook::DEFINITION_GRACE;
 use serde_json::{Value, json};
 
-const CONTAINER: &str = "hook-sidecar-0";
 /// libvirt is out of reach: the sidecar has only what the hooks tell it.
 const NO_LIBVIRT: &str = "qemu+unix:///session?socket=/nonexistent/libvirt-sock";
 const PROTOS: [&str; 4] = [
@@ -116,43 +116,21 @@ fn define(socket: &Path, version: &str, xml: &[u8], vmi: &[u8]) -> Result<()> {
     Ok(())
 }
 
-struct Pod {
-    hooks_dir: tempfile::TempDir,
-    sidecar: Sidecar,
-}
-
-impl Pod {
-    fn start(libvirt_uri: &str, aggregator: &Aggregator) -> Result<Self> {
-        let hooks_dir = tempfile::tempdir()?;
-        let sidecar = Sidecar::start_in_pod(
-            libvirt_uri,
-            &aggregator.grpc_url(),
-            hooks_dir.path(),
-            CONTAINER,
-        )?;
-        Ok(Pod { hooks_dir, sidecar })
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.hooks_dir.path().join(format!("{CONTAINER}.sock"))
-    }
-
-    /// Polls for the socket as virt-launcher does, then calls Info.
-    fn info(&self) -> Result<Value> {
-        wait_until(Duration::from_secs(10), "the hook socket", || {
-            Ok(self.socket().exists().then_some(()))
-        })
-        .with_context(|| self.sidecar.log())?;
-        call(&self.socket(), "kubevirt.hooks.info.Info/Info", &json!({}))
-    }
+/// Polls for the pod's hook socket as virt-launcher does, then calls Info.
+fn info(pod: &SidecarPod) -> Result<Value> {
+    wait_until(Duration::from_secs(10), "the hook socket", || {
+        Ok(pod.socket().exists().then_some(()))
+    })
+    .with_context(|| pod.sidecar.log())?;
+    call(&pod.socket(), "kubevirt.hooks.info.Info/Info", &json!({}))
 }
 
 #[test]
 fn virt_launcher_can_run_the_whole_hook_sequence_without_libvirt() -> Result<()> {
     let aggregator = Aggregator::start("node-1")?;
     let started = Instant::now();
-    let mut pod = Pod::start(NO_LIBVIRT, &aggregator)?;
-    let info = pod.info()?;
+    let mut pod = SidecarPod::start(NO_LIBVIRT, &aggregator)?;
+    let info = info(&pod)?;
     eprintln!(
         "sidecar exec → Info answered through grpcurl: {:?}",
         started.elapsed()
@@ -215,8 +193,8 @@ fn virt_launcher_can_run_the_whole_hook_sequence_without_libvirt() -> Result<()>
 #[test]
 fn without_libvirt_a_single_definition_is_reported_after_the_grace_time() -> Result<()> {
     let aggregator = Aggregator::start("node-1")?;
-    let pod = Pod::start(NO_LIBVIRT, &aggregator)?;
-    pod.info()?;
+    let pod = SidecarPod::start(NO_LIBVIRT, &aggregator)?;
+    info(&pod)?;
     let xml = kubevirt_domain_xml("default", "vm-once", "kvm", 1);
     // The sidecar's grace timer starts while it answers the call, so the clock starts
     // before the call: the series may come no earlier than this clock says 15 s.
@@ -242,8 +220,8 @@ fn without_libvirt_a_single_definition_is_reported_after_the_grace_time() -> Res
 #[test]
 fn on_define_domain_hands_back_any_xml_byte_for_byte() -> Result<()> {
     let aggregator = Aggregator::start("node-1")?;
-    let pod = Pod::start(NO_LIBVIRT, &aggregator)?;
-    pod.info()?;
+    let pod = SidecarPod::start(NO_LIBVIRT, &aggregator)?;
+    info(&pod)?;
     let vmi = vmi_json("default", "vm-a");
     let megabyte = kubevirt_domain_xml("default", "vm-a", "kvm", 20_000);
     assert!(megabyte.len() > 1 << 20, "{}", megabyte.len());
@@ -278,19 +256,13 @@ fn on_define_domain_hands_back_any_xml_byte_for_byte() -> Result<()> {
 fn a_stale_socket_file_is_replaced() -> Result<()> {
     let aggregator = Aggregator::start("node-1")?;
     let hooks_dir = tempfile::tempdir()?;
-    let stale = hooks_dir.path().join(format!("{CONTAINER}.sock"));
+    let stale = hooks_dir.path().join(format!("{SIDECAR}.sock"));
     std::fs::write(&stale, b"left by a previous run")?;
-    let sidecar = Sidecar::start_in_pod(
-        NO_LIBVIRT,
-        &aggregator.grpc_url(),
-        hooks_dir.path(),
-        CONTAINER,
-    )?;
-    let pod = Pod { hooks_dir, sidecar };
+    let pod = SidecarPod::start_in(hooks_dir, NO_LIBVIRT, &aggregator)?;
     let info = wait_until(
         Duration::from_secs(10),
         "Info on the replaced socket",
-        || Ok(pod.info().ok()),
+        || Ok(info(&pod).ok()),
     )
     .with_context(|| pod.sidecar.log())?;
     assert_eq!(info["name"], "kubevirt-hypervisor-metric");
@@ -302,8 +274,8 @@ fn with_libvirt_the_live_domain_wins_over_the_hook() -> Result<()> {
     let daemon = LibvirtDaemon::start()?;
     let aggregator = Aggregator::start("node-1")?;
     daemon.start_guest("default_vm-live", GuestKind::Tcg, false)?;
-    let pod = Pod::start(&daemon.uri(), &aggregator)?;
-    pod.info()?;
+    let pod = SidecarPod::start(&daemon.uri(), &aggregator)?;
+    info(&pod)?;
     aggregator.wait_for_names(&["vm-live"], Duration::from_secs(20))?;
 
     // The hook claims KVM; libvirt runs it under TCG, and libvirt is right.

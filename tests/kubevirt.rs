@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use e2e::binaries::{Aggregator, Labels};
-use e2e::libvirt::kvm_unusable_reason;
+use e2e::libvirt::skip_without_kvm;
 use e2e::lifecycle;
 use e2e::recording::{RecordedPod, RecordedVmi, scenarios};
 use e2e::replay::{Action, Replay};
@@ -50,18 +50,12 @@ fn note(scenario: &str, line: impl AsRef<str>) {
     let _ = writeln!(std::io::stderr(), "kubevirt: {scenario}: {}", line.as_ref());
 }
 
-/// Why the recorded pods cannot be replayed here, printed, or `None`: a KVM domain needs
-/// KVM.
-fn skip_reason(scenario: &str, pods: &[RecordedPod]) -> Option<String> {
-    let reason = kvm_unusable_reason()?;
-    let needs = pods.iter().any(|p| p.domain_type == "kvm");
-    needs.then(|| {
-        note(
-            scenario,
-            format!("SKIPPED (a kvm domain needs KVM): {reason}"),
-        );
-        reason
-    })
+/// Whether the recorded pods cannot be replayed here (printed): a KVM domain needs KVM.
+fn skip(scenario: &str, pods: &[RecordedPod]) -> Result<bool> {
+    if !pods.iter().any(|p| p.domain_type == "kvm") {
+        return Ok(false);
+    }
+    skip_without_kvm(&format!("kubevirt: {scenario} (a kvm domain)"))
 }
 
 /// One node: the aggregator and what the test records of it.
@@ -419,7 +413,7 @@ fn every_recorded_pod_replays_as_recorded() -> Result<()> {
             .iter()
             .map(|pod| RecordedPod::load(&scenario, pod))
             .collect::<Result<Vec<_>>>()?;
-        if skip_reason(&scenario, &recorded).is_some() {
+        if skip(&scenario, &recorded)? {
             continue;
         }
         match replay_scenario(&recorded) {
@@ -620,14 +614,16 @@ fn check_kept_and_gone(
 // ---------------------------------------------------------------------------------------
 // The scenarios, one recording each.
 
-/// The recorded pod of `scenario`'s only pod, and a node, or `None` (printed) where it
-/// cannot be replayed here.
-fn scenario(scenario: &str) -> Result<Option<(Node, RecordedPod)>> {
+/// A node and a replay of `scenario`'s only pod that reports to it, or `None` (printed)
+/// where the pod cannot be replayed here.
+fn scenario(scenario: &str) -> Result<Option<(Node, Replay)>> {
     let recorded = RecordedPod::load(scenario, "pod-0")?;
-    if skip_reason(scenario, std::slice::from_ref(&recorded)).is_some() {
+    if skip(scenario, std::slice::from_ref(&recorded))? {
         return Ok(None);
     }
-    Ok(Some((Node::start()?, recorded)))
+    let node = Node::start()?;
+    let replay = node.replay(&recorded)?;
+    Ok(Some((node, replay)))
 }
 
 /// Plays until the domain runs and the series is on /metrics; checks it there and in
@@ -698,10 +694,9 @@ fn logged_hook_fallback(log: &str) -> bool {
 
 /// A start, ten seconds of running, KillVirtualMachine.
 fn start_and_kill(name: &str) -> Result<()> {
-    let Some((node, recorded)) = scenario(name)? else {
+    let Some((node, mut replay)) = scenario(name)? else {
         return Ok(());
     };
-    let mut replay = node.replay(&recorded)?;
     play_until_reported(&node, &mut replay, true)?;
     play_until_stop(&node, &mut replay)?;
     ensure!(
@@ -754,11 +749,11 @@ fn wait_state(node: &Node, replay: &Replay, state: DomainState) -> Result<()> {
 
 #[test]
 fn pause_and_unpause_keep_the_series_and_show_its_state() -> Result<()> {
-    let Some((node, recorded)) = scenario("pause_and_unpause_keep_the_series_and_show_its_state")?
+    let Some((node, mut replay)) =
+        scenario("pause_and_unpause_keep_the_series_and_show_its_state")?
     else {
         return Ok(());
     };
-    let mut replay = node.replay(&recorded)?;
     play_until_reported(&node, &mut replay, true)?;
     // Recorded 40 ms apart; held until the paused state is seen, which is what a user checks.
     replay.play_through(|a| *a == Action::Suspend)?;
@@ -774,12 +769,11 @@ fn pause_and_unpause_keep_the_series_and_show_its_state() -> Result<()> {
 #[test]
 fn a_guest_that_powers_itself_off_is_withdrawn_and_the_sidecar_exits() -> Result<()> {
     // Emulated in the recording, so it runs on machines without KVM too.
-    let Some((node, recorded)) =
+    let Some((node, mut replay)) =
         scenario("a_guest_that_powers_itself_off_is_withdrawn_and_the_sidecar_exits")?
     else {
         return Ok(());
     };
-    let mut replay = node.replay(&recorded)?;
     play_until_reported(&node, &mut replay, true)?;
     // The guest's own power-off: libvirt's `stopped`, then virt-launcher's Shutdown hook.
     replay.play_through(|a| *a == Action::AwaitPowerOff)?;
@@ -788,7 +782,7 @@ fn a_guest_that_powers_itself_off_is_withdrawn_and_the_sidecar_exits() -> Result
         .context("the guest did not power off")?;
     let latency = node.assert_reported_once_running(&replay, stopped)?;
     note(
-        &recorded.scenario,
+        &replay.recorded().scenario,
         format!("domain running → series on the aggregator: {latency:.0?}"),
     );
     play_out_and_check_cleanup(&node, &mut replay)
@@ -796,18 +790,17 @@ fn a_guest_that_powers_itself_off_is_withdrawn_and_the_sidecar_exits() -> Result
 
 #[test]
 fn without_the_libvirt_mount_the_hook_fallback_reports_from_definition_to_shutdown() -> Result<()> {
-    let Some((node, recorded)) = scenario(
+    let Some((node, mut replay)) = scenario(
         "without_the_libvirt_mount_the_hook_fallback_reports_from_definition_to_shutdown",
     )?
     else {
         return Ok(());
     };
     ensure!(
-        !recorded.libvirt_mount,
+        !replay.recorded().libvirt_mount,
         "{}: the recorded sidecar reached libvirt",
-        recorded.label()
+        replay.recorded().label()
     );
-    let mut replay = node.replay(&recorded)?;
     replay.play_through(|a| matches!(a, Action::Start { .. }))?;
     node.wait_exposed(&replay, true)?;
     // From the defined XML and the VMI JSON only: no version without libvirt.
@@ -815,7 +808,7 @@ fn without_the_libvirt_mount_the_hook_fallback_reports_from_definition_to_shutdo
     replay.play_until(|a| *a == Action::Destroy)?;
 
     let story = || node.story(&replay);
-    let events = node.watch_events(&recorded.vmi);
+    let events = node.watch_events(&replay.recorded().vmi);
     let added: Vec<SystemTime> = events
         .iter()
         .filter(|(_, kind, _)| *kind == "ADDED")
@@ -848,7 +841,7 @@ fn without_the_libvirt_mount_the_hook_fallback_reports_from_definition_to_shutdo
         replay.sidecar_log()
     );
     note(
-        &recorded.scenario,
+        &replay.recorded().scenario,
         format!(
             "domain defined → series on the aggregator: {:.0?} (running at +{:.0?})",
             added[0].duration_since(defined).unwrap_or_default(),
@@ -871,17 +864,16 @@ fn wait_back(node: &Node, replay: &Replay, since: Instant, what: &str) -> Result
 
 #[test]
 fn a_sidecar_killed_and_restarted_mid_run_reports_the_vm_again() -> Result<()> {
-    let Some((node, recorded)) =
+    let Some((node, mut replay)) =
         scenario("a_sidecar_killed_and_restarted_mid_run_reports_the_vm_again")?
     else {
         return Ok(());
     };
     ensure!(
-        recorded.sidecar_starts().len() == 2,
+        replay.recorded().sidecar_starts().len() == 2,
         "{}: the recording should restart the sidecar once",
-        recorded.label()
+        replay.recorded().label()
     );
-    let mut replay = node.replay(&recorded)?;
     play_until_reported(&node, &mut replay, true)?;
     replay.play_until(|a| *a == Action::Destroy)?;
     replay.sleep_until_due(|a| *a == Action::SidecarStart(2))?;
@@ -902,12 +894,11 @@ fn a_sidecar_killed_and_restarted_mid_run_reports_the_vm_again() -> Result<()> {
 
 #[test]
 fn an_aggregator_restarted_mid_run_gets_the_series_back() -> Result<()> {
-    let Some((mut node, recorded)) =
+    let Some((mut node, mut replay)) =
         scenario("an_aggregator_restarted_mid_run_gets_the_series_back")?
     else {
         return Ok(());
     };
-    let mut replay = node.replay(&recorded)?;
     play_until_reported(&node, &mut replay, true)?;
     play_until_stop(&node, &mut replay)?;
     // Not recorded (virt-launcher does not see it): the aggregator restarts while the VM runs.
@@ -920,17 +911,17 @@ fn an_aggregator_restarted_mid_run_gets_the_series_back() -> Result<()> {
 
 #[test]
 fn a_vmi_started_paused_has_no_series_until_it_is_unpaused() -> Result<()> {
-    let Some((node, recorded)) =
+    let Some((node, mut replay)) =
         scenario("a_vmi_started_paused_has_no_series_until_it_is_unpaused")?
     else {
         return Ok(());
     };
-    let mut replay = node.replay(&recorded)?;
     replay.play_through(|a| *a == Action::Start { paused: true })?;
     // Started, its CPUs never ran, for the ten recorded seconds.
     replay.play_until(|a| *a == Action::Resume)?;
     ensure!(
-        node.exposed(&recorded.vmi)?.is_empty() && node.listed(&recorded.vmi)?.is_empty(),
+        node.exposed(&replay.recorded().vmi)?.is_empty()
+            && node.listed(&replay.recorded().vmi)?.is_empty(),
         "a VMI started paused has never run; it must have no series yet:\n{}",
         node.story(&replay)
     );
@@ -941,17 +932,16 @@ fn a_vmi_started_paused_has_no_series_until_it_is_unpaused() -> Result<()> {
 
 #[test]
 fn deleting_the_pod_withdraws_the_series_and_stops_the_vm_within_its_grace_period() -> Result<()> {
-    let Some((node, recorded)) =
+    let Some((node, mut replay)) =
         scenario("deleting_the_pod_withdraws_the_series_and_stops_the_vm_within_its_grace_period")?
     else {
         return Ok(());
     };
     ensure!(
-        !recorded.has_shutdown_call(),
+        !replay.recorded().has_shutdown_call(),
         "{}: a deleted pod gets no Shutdown hook",
-        recorded.label()
+        replay.recorded().label()
     );
-    let mut replay = node.replay(&recorded)?;
     play_until_reported(&node, &mut replay, true)?;
     replay.play_until(|a| *a == Action::Terminate)?;
     node.assert_reported_once_running(&replay, SystemTime::now())?;
@@ -965,7 +955,7 @@ fn deleting_the_pod_withdraws_the_series_and_stops_the_vm_within_its_grace_perio
     // operating system to act on ACPI).
     replay.play_to_end()?;
     note(
-        &recorded.scenario,
+        &replay.recorded().scenario,
         format!(
             "SIGTERM → domain stopped by virt-launcher: {:.1?} (the recording: {:.1} s)",
             replay
@@ -1001,12 +991,11 @@ fn recorded_gap(
 
 #[test]
 fn a_vmi_being_deleted_keeps_its_series_while_the_guest_runs_out_its_grace_period() -> Result<()> {
-    let Some((node, recorded)) =
+    let Some((node, mut replay)) =
         scenario("a_vmi_being_deleted_keeps_its_series_while_the_guest_runs_out_its_grace_period")?
     else {
         return Ok(());
     };
-    let mut replay = node.replay(&recorded)?;
     play_until_reported(&node, &mut replay, true)?;
     // virt-handler's deletion: ACPI shutdown first; this guest has no operating system to act
     // on it, so it runs on through the grace period, and so does its series.
@@ -1022,7 +1011,7 @@ fn two_pods_on_one_node_have_one_series_each() -> Result<()> {
         .map(|pod| RecordedPod::load(scenario, pod))
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
-    if skip_reason(scenario, &recorded).is_some() {
+    if skip(scenario, &recorded)? {
         return Ok(());
     }
     let node = Node::start()?;

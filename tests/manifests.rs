@@ -676,13 +676,14 @@ fn controls(resources: &[Resource]) -> Result<Vec<(&'static str, Value)>> {
     ])
 }
 
-#[test]
-fn custom_resources_match_their_published_types() -> Result<()> {
-    let tools = schema_tools()?;
+/// Every custom resource of the manifests (at least one of each kind of [`CUSTOM_KINDS`]),
+/// and all the resources, for the controls.
+fn custom_resources() -> Result<(Vec<Resource>, Vec<Resource>)> {
     let resources = resources_in(&resource_files()?)?;
-    let custom: Vec<&Resource> = resources
+    let custom: Vec<Resource> = resources
         .iter()
         .filter(|r| CUSTOM_KINDS.contains(&r.kind()))
+        .cloned()
         .collect();
     for kind in CUSTOM_KINDS {
         ensure!(
@@ -690,8 +691,21 @@ fn custom_resources_match_their_published_types() -> Result<()> {
             "no {kind} in the manifests to check"
         );
     }
-    let dir = temp_dir("custom-resources.")?;
+    Ok((custom, resources))
+}
+
+/// A temp dir that sees the schema tools' npm packages as its own `node_modules`.
+fn node_project(prefix: &str) -> Result<(PathBuf, tempfile::TempDir)> {
+    let tools = schema_tools()?;
+    let dir = temp_dir(prefix)?;
     std::os::unix::fs::symlink(tools.join("node_modules"), dir.path().join("node_modules"))?;
+    Ok((tools, dir))
+}
+
+#[test]
+fn custom_resources_type_check_against_their_published_types() -> Result<()> {
+    let (tools, dir) = node_project("custom-resources.")?;
+    let (custom, resources) = custom_resources()?;
 
     // TypeScript: each object is a literal of its published type, so a field that the type
     // does not have is an error ("excess property"), and so is a wrong type.
@@ -772,16 +786,30 @@ fn custom_resources_match_their_published_types() -> Result<()> {
             located.join("\n")
         );
     }
+    eprintln!(
+        "{} custom resources type-checked against @kubevirt-ui-ext/kubevirt-api and \
+         @kubernetes-models/prometheus-operator, {} controls rejected",
+        custom.len(),
+        controls.len()
+    );
+    Ok(())
+}
 
-    // prometheus-operator's JSON-schema validators (formats, patterns, enums, required fields).
-    let mut cases = Vec::new();
-    for resource in custom.iter().filter(|r| {
-        r.doc["apiVersion"]
-            .as_str()
-            .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
-    }) {
-        cases.push(json!({"label": resource.describe(), "doc": resource.doc, "invalid": false}));
-    }
+/// prometheus-operator's JSON-schema validators: formats, patterns, enums, required fields.
+#[test]
+fn prometheus_operator_resources_pass_its_schema_validators() -> Result<()> {
+    let (_, dir) = node_project("prometheus-operator-schemas.")?;
+    let (custom, resources) = custom_resources()?;
+    let mut cases: Vec<Value> = custom
+        .iter()
+        .filter(|r| {
+            r.doc["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
+        })
+        .map(|r| json!({"label": r.describe(), "doc": r.doc, "invalid": false}))
+        .collect();
+    let checked = cases.len();
     let mut bad_duration = only(&resources, "PrometheusRule")?.doc.clone();
     bad_duration["spec"]["groups"][1]["rules"][0]["for"] = json!("5 minutes");
     cases.push(json!({"label": "control: a rule with `for: 5 minutes`", "doc": bad_duration, "invalid": true}));
@@ -823,10 +851,8 @@ process.exit(failed ? 1 : 0);
         output_text(&out)
     );
     eprintln!(
-        "{} custom resources type-checked against @kubevirt-ui-ext/kubevirt-api and \
-         @kubernetes-models/prometheus-operator, {} controls rejected",
-        custom.len(),
-        controls.len() + 2
+        "{checked} prometheus-operator resources passed its validators, {} controls rejected",
+        cases.len() - checked
     );
     Ok(())
 }
@@ -835,14 +861,8 @@ process.exit(failed ? 1 : 0);
 // 3. Cross-references
 
 #[test]
-fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
+fn every_base_resource_is_in_the_namespace_unless_cluster_scoped() -> Result<()> {
     let resources = base_resources()?;
-    let daemonset = find(&resources, "DaemonSet", "node-aggregator")?;
-    let grpc = find(&resources, "Service", "node-aggregator")?;
-    let metrics = find(&resources, "Service", "node-aggregator-metrics")?;
-    let policy = find(&resources, "NetworkPolicy", "node-aggregator")?;
-    let account = only(&resources, "ServiceAccount")?;
-
     for resource in &resources {
         let namespace = resource.doc["metadata"]["namespace"].as_str();
         if CLUSTER_SCOPED_KINDS.contains(&resource.kind()) {
@@ -860,15 +880,56 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
         }
     }
     ensure!(find(&resources, "Namespace", NAMESPACE).is_ok());
+    Ok(())
+}
 
-    // Labels and selectors.
+fn aggregator_daemonset(resources: &[Resource]) -> Result<&Resource> {
+    find(resources, "DaemonSet", "node-aggregator")
+}
+
+fn grpc_service(resources: &[Resource]) -> Result<&Resource> {
+    find(resources, "Service", "node-aggregator")
+}
+
+fn metrics_service(resources: &[Resource]) -> Result<&Resource> {
+    find(resources, "Service", "node-aggregator-metrics")
+}
+
+fn network_policy(resources: &[Resource]) -> Result<&Resource> {
+    find(resources, "NetworkPolicy", "node-aggregator")
+}
+
+/// The container ports of the aggregator's container, by name.
+fn container_ports(container: &Value) -> Result<BTreeMap<String, i64>> {
+    let mut ports = BTreeMap::new();
+    for port in container["ports"].as_array().context("container ports")? {
+        ports.insert(
+            port["name"].as_str().context("port name")?.to_string(),
+            port["containerPort"].as_i64().context("containerPort")?,
+        );
+    }
+    Ok(ports)
+}
+
+/// The container port named `name`.
+fn port(ports: &BTreeMap<String, i64>, name: &str) -> Result<i64> {
+    ports
+        .get(name)
+        .copied()
+        .with_context(|| format!("the aggregator has no container port {name}: {ports:?}"))
+}
+
+#[test]
+fn the_aggregator_services_and_network_policy_select_its_pods() -> Result<()> {
+    let resources = base_resources()?;
+    let daemonset = aggregator_daemonset(&resources)?;
     let pod_labels = string_map(daemonset.at("/spec/template/metadata/labels")?);
     let ds_selector = string_map(daemonset.at("/spec/selector/matchLabels")?);
     ensure!(
         selects(&ds_selector, &pod_labels),
         "the DaemonSet's selector {ds_selector:?} does not match its pods {pod_labels:?}"
     );
-    for service in [grpc, metrics] {
+    for service in [grpc_service(&resources)?, metrics_service(&resources)?] {
         let selector = string_map(service.at("/spec/selector")?);
         ensure!(
             selects(&selector, &pod_labels),
@@ -876,21 +937,24 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
             service.describe()
         );
     }
+    let policy = network_policy(&resources)?;
     let policy_selector = string_map(policy.at("/spec/podSelector/matchLabels")?);
     ensure!(
         selects(&policy_selector, &pod_labels),
         "the NetworkPolicy's podSelector {policy_selector:?} does not match the aggregator pods"
     );
+    Ok(())
+}
 
-    // Ports: container ports, listen addresses, Services, probes, NetworkPolicy.
+/// Container ports, listen addresses, Services and probes.
+#[test]
+fn the_aggregator_ports_agree_from_listen_address_to_service_and_probe() -> Result<()> {
+    let resources = base_resources()?;
+    let daemonset = aggregator_daemonset(&resources)?;
+    let grpc = grpc_service(&resources)?;
+    let metrics = metrics_service(&resources)?;
     let container = daemonset.at("/spec/template/spec/containers/0")?;
-    let mut ports: BTreeMap<String, i64> = BTreeMap::new();
-    for port in container["ports"].as_array().context("container ports")? {
-        ports.insert(
-            port["name"].as_str().context("port name")?.to_string(),
-            port["containerPort"].as_i64().context("containerPort")?,
-        );
-    }
+    let ports = container_ports(container)?;
     ensure!(
         ports.get("grpc") == Some(&9440) && ports.get("metrics") == Some(&9441),
         "container ports must be grpc 9440 and metrics 9441 (node-aggregator's defaults): {ports:?}"
@@ -953,8 +1017,16 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
             "{probe} must GET {path} on the metrics port: {get}"
         );
     }
+    Ok(())
+}
 
-    // NetworkPolicy: gRPC only from virt-launcher pods of any namespace; metrics from anyone.
+#[test]
+fn the_network_policy_opens_grpc_to_virt_launcher_pods_and_metrics_to_anyone() -> Result<()> {
+    let resources = base_resources()?;
+    let container = aggregator_daemonset(&resources)?.at("/spec/template/spec/containers/0")?;
+    let ports = container_ports(container)?;
+    let (grpc_port, metrics_port) = (port(&ports, "grpc")?, port(&ports, "metrics")?);
+    let policy = network_policy(&resources)?;
     let rules = policy.at("/spec/ingress")?.as_array().context("ingress")?;
     let rule_ports = |rule: &Value| -> BTreeSet<i64> {
         rule["ports"]
@@ -964,7 +1036,7 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
     };
     let grpc_rules: Vec<&Value> = rules
         .iter()
-        .filter(|r| rule_ports(r).contains(&ports["grpc"]) || r["ports"].is_null())
+        .filter(|r| rule_ports(r).contains(&grpc_port) || r["ports"].is_null())
         .collect();
     ensure!(
         grpc_rules.len() == 1,
@@ -976,19 +1048,26 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
             && from[0]["namespaceSelector"] == json!({})
             && string_map(&from[0]["podSelector"]["matchLabels"])
                 == BTreeMap::from([("kubevirt.io".to_string(), "virt-launcher".to_string())])
-            && rule_ports(grpc_rules[0]) == BTreeSet::from([ports["grpc"]]),
+            && rule_ports(grpc_rules[0]) == BTreeSet::from([grpc_port]),
         "the gRPC port must be open to virt-launcher pods of every namespace, and only that: {}",
         grpc_rules[0]
     );
     ensure!(
         rules
             .iter()
-            .any(|r| r["from"].is_null() && rule_ports(r) == BTreeSet::from([ports["metrics"]])),
+            .any(|r| r["from"].is_null() && rule_ports(r) == BTreeSet::from([metrics_port])),
         "the metrics port must stay reachable for Prometheus"
     );
+    Ok(())
+}
 
-    // Security settings.
+#[test]
+fn the_aggregator_runs_unprivileged_without_a_token() -> Result<()> {
+    let resources = base_resources()?;
+    let daemonset = aggregator_daemonset(&resources)?;
+    let account = only(&resources, "ServiceAccount")?;
     let pod = daemonset.at("/spec/template/spec")?;
+    let container = daemonset.at("/spec/template/spec/containers/0")?;
     let security = &container["securityContext"];
     for (what, ok) in [
         (
@@ -1040,8 +1119,14 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
     ] {
         ensure!(ok, "DaemonSet node-aggregator: {what}");
     }
+    Ok(())
+}
 
-    // Placement: every node virt-handler ran on, whatever its taints.
+/// Every node virt-handler ran on, whatever its taints.
+#[test]
+fn the_aggregator_runs_on_every_kubevirt_node() -> Result<()> {
+    let resources = base_resources()?;
+    let daemonset = aggregator_daemonset(&resources)?;
     let terms = daemonset
         .at("/spec/template/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")?;
     ensure!(
@@ -1050,17 +1135,21 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
         "the aggregator must run on every KubeVirt node (kubevirt.io/schedulable Exists): {terms}"
     );
     ensure!(
-        pod["tolerations"]
+        daemonset.doc["spec"]["template"]["spec"]["tolerations"]
             .as_array()
             .is_some_and(|ts| ts.iter().any(|t| t == &json!({"operator": "Exists"}))),
         "the aggregator must tolerate every taint, like virt-handler"
     );
+    Ok(())
+}
 
-    // ServiceMonitor: selects the metrics Service, and only that one.
+#[test]
+fn the_service_monitor_scrapes_the_metrics_service_only() -> Result<()> {
+    let resources = base_resources()?;
     let monitor = only(&resources, "ServiceMonitor")?;
     let selector = string_map(monitor.at("/spec/selector/matchLabels")?);
-    let metrics_labels = string_map(metrics.at("/metadata/labels")?);
-    let grpc_labels = string_map(grpc.at("/metadata/labels")?);
+    let metrics_labels = string_map(metrics_service(&resources)?.at("/metadata/labels")?);
+    let grpc_labels = string_map(grpc_service(&resources)?.at("/metadata/labels")?);
     ensure!(
         selects(&selector, &metrics_labels) && !selects(&selector, &grpc_labels),
         "the ServiceMonitor's selector {selector:?} must match the metrics Service \
@@ -1084,10 +1173,17 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
             && (endpoint["path"].is_null() || endpoint["path"] == json!("/metrics")),
         "the ServiceMonitor must scrape port metrics, /metrics, every 30s with honorLabels: {endpoint}"
     );
+    Ok(())
+}
 
-    // The PrometheusRule's job matchers: the ServiceMonitor's job label is the Service name.
+/// The job matchers name the job the ServiceMonitor gives the series (the Service's name);
+/// every alert has a severity, a summary, a description and a runbook section.
+#[test]
+fn the_alerts_match_the_metrics_job_and_have_a_runbook() -> Result<()> {
+    let resources = base_resources()?;
+    let metrics = metrics_service(&resources)?;
     ensure!(
-        monitor.doc["spec"]["jobLabel"].is_null(),
+        only(&resources, "ServiceMonitor")?.doc["spec"]["jobLabel"].is_null(),
         "with a jobLabel the alerts' job matcher must change too"
     );
     let rule = only(&resources, "PrometheusRule")?;
@@ -1124,9 +1220,8 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
                         .is_some_and(|text| text.contains(alert)),
                     "alert {alert}'s runbook must name its section in docs/troubleshooting.md"
                 );
-                let troubleshooting = read(&repo().join("docs/troubleshooting.md"))?;
                 ensure!(
-                    troubleshooting
+                    troubleshooting()?
                         .lines()
                         .any(|line| line.trim_start_matches('#').trim() == alert
                             && line.starts_with('#')),
@@ -1136,8 +1231,12 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
         }
     }
     ensure!(alerts >= 4, "only {alerts} alerts");
+    Ok(())
+}
 
-    // The MutatingAdmissionPolicies and their bindings.
+#[test]
+fn each_admission_policy_is_bound_and_never_stops_a_vm() -> Result<()> {
+    let resources = base_resources()?;
     for name in [LIBVIRT_SOCKET, ENROLLMENT] {
         let admission = find(&resources, "MutatingAdmissionPolicy", name)?;
         let binding = find(&resources, "MutatingAdmissionPolicyBinding", name)?;
@@ -1151,6 +1250,12 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
             "{name}: a failing policy must never stop a VM (failurePolicy: Ignore)"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn the_libvirt_socket_policy_acts_on_virt_launcher_pod_creation_only() -> Result<()> {
+    let resources = base_resources()?;
     let socket = find(&resources, "MutatingAdmissionPolicy", LIBVIRT_SOCKET)?;
     ensure!(
         socket.at("/spec/matchConstraints/resourceRules")?
@@ -1175,9 +1280,14 @@ fn the_aggregator_resources_refer_to_each_other() -> Result<()> {
             "the libvirt-socket policy does not mention {needle}"
         );
     }
+    Ok(())
+}
 
-    // Enrollment: VMI CREATE only, the KubeVirt CR as parameter, and the same opt-out label on
-    // the VMI (policy) and on its namespace (binding).
+/// VMI CREATE only, the KubeVirt CR as parameter, and the same opt-out label on the VMI
+/// (policy) and on its namespace (binding).
+#[test]
+fn the_enrollment_policy_acts_on_vmi_creation_with_the_kubevirt_cr_and_an_opt_out() -> Result<()> {
+    let resources = base_resources()?;
     let enrollment = find(&resources, "MutatingAdmissionPolicy", ENROLLMENT)?;
     let binding = find(&resources, "MutatingAdmissionPolicyBinding", ENROLLMENT)?;
     ensure!(
@@ -1329,11 +1439,58 @@ fn the_examples_ask_for_the_sidecar_the_way_kubevirt_expects() -> Result<()> {
     Ok(())
 }
 
+fn base_kustomization() -> Result<Value> {
+    let file = manifests_dir().join("base/kustomization.yaml");
+    parse_yaml(&read(&file)?, "kustomization")?
+        .into_iter()
+        .next()
+        .with_context(|| format!("{} is empty", rel(&file)))
+}
+
+/// The base's one ConfigMap generator: the dashboard's.
+fn dashboard_generator(kustomization: &Value) -> Result<&Value> {
+    let generators = kustomization["configMapGenerator"]
+        .as_array()
+        .context("configMapGenerator")?;
+    ensure!(generators.len() == 1, "one ConfigMap generator");
+    Ok(&generators[0])
+}
+
+fn dashboard_file(generator: &Value) -> Result<&str> {
+    generator["files"][0].as_str().context("files")
+}
+
+/// `(kind, name)` of each object.
+fn kinds_and_names(docs: &[Value]) -> BTreeSet<(String, String)> {
+    docs.iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap_or("").to_string(),
+                d["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// What kustomize must build from the base: every object but kustomize's own inputs (the
+/// enrollment settings), and the dashboard's ConfigMap.
+fn built_from_base(kustomization: &Value) -> Result<BTreeSet<(String, String)>> {
+    let mut expected: BTreeSet<(String, String)> = base_resources()?
+        .iter()
+        .filter(|r| !r.is_local_config())
+        .map(|r| (r.kind().to_string(), r.name().to_string()))
+        .collect();
+    let generated_name = dashboard_generator(kustomization)?["name"]
+        .as_str()
+        .context("name")?;
+    expected.insert(("ConfigMap".into(), generated_name.into()));
+    Ok(expected)
+}
+
 #[test]
-fn kustomize_builds_the_base_and_the_example_overlay() -> Result<()> {
-    // Every file in base/ is listed in its kustomization, and every listed file exists.
+fn the_base_kustomization_lists_every_base_file_and_the_dashboard() -> Result<()> {
     let base = manifests_dir().join("base");
-    let kustomization = &parse_yaml(&read(&base.join("kustomization.yaml"))?, "kustomization")?[0];
+    let kustomization = base_kustomization()?;
     ensure!(
         kustomization["namespace"].is_null(),
         "no `namespace:` in the base kustomization: kustomize would give the cluster-scoped \
@@ -1362,41 +1519,29 @@ fn kustomize_builds_the_base_and_the_example_overlay() -> Result<()> {
         "base/kustomization.yaml must list kustomizeconfig.yaml under configurations and \
          ../transformers/enrollment-settings under transformers"
     );
-    let generators = kustomization["configMapGenerator"]
-        .as_array()
-        .context("configMapGenerator")?;
-    ensure!(generators.len() == 1, "one ConfigMap generator");
-    let dashboard_file = generators[0]["files"][0].as_str().context("files")?;
+    let generator = dashboard_generator(&kustomization)?;
+    let dashboard_file = dashboard_file(generator)?;
     ensure!(
         base.join(dashboard_file).exists(),
         "{dashboard_file} is missing"
     );
     ensure!(
-        generators[0]["options"]["labels"]["grafana_dashboard"] == json!("1"),
+        generator["options"]["labels"]["grafana_dashboard"] == json!("1"),
         "the dashboard ConfigMap needs grafana_dashboard: \"1\""
     );
+    Ok(())
+}
 
+#[test]
+fn kustomize_builds_the_base() -> Result<()> {
+    let base = manifests_dir().join("base");
     let Some(built) = kustomize(&base)? else {
         return Ok(());
     };
     let built = parse_yaml(&built, "kubectl kustomize manifests/base")?;
-    // Everything but kustomize's own inputs (the enrollment settings).
-    let mut expected: BTreeSet<(String, String)> = base_resources()?
-        .iter()
-        .filter(|r| !r.is_local_config())
-        .map(|r| (r.kind().to_string(), r.name().to_string()))
-        .collect();
-    let generated_name = generators[0]["name"].as_str().context("name")?;
-    expected.insert(("ConfigMap".into(), generated_name.into()));
-    let got: BTreeSet<(String, String)> = built
-        .iter()
-        .map(|d| {
-            (
-                d["kind"].as_str().unwrap_or("").to_string(),
-                d["metadata"]["name"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let kustomization = base_kustomization()?;
+    let expected = built_from_base(&kustomization)?;
+    let got = kinds_and_names(&built);
     ensure!(
         got == expected,
         "kustomize built {got:?}, expected {expected:?}"
@@ -1422,6 +1567,7 @@ fn kustomize_builds_the_base_and_the_example_overlay() -> Result<()> {
         .iter()
         .find(|d| d["kind"] == json!("ConfigMap"))
         .context("no ConfigMap")?;
+    let dashboard_file = dashboard_file(dashboard_generator(&kustomization)?)?;
     let key = Path::new(dashboard_file)
         .file_name()
         .and_then(|n| n.to_str())
@@ -1431,29 +1577,28 @@ fn kustomize_builds_the_base_and_the_example_overlay() -> Result<()> {
         "the ConfigMap does not carry {dashboard_file} as {key}"
     );
     ensure!(configmap["metadata"]["labels"]["grafana_dashboard"] == json!("1"));
+    Ok(())
+}
 
-    // The overlay: same objects, the image pointed at the registry.
+/// The same objects as the base, the image pointed at the registry.
+#[test]
+fn kustomize_builds_the_example_overlay_with_its_image() -> Result<()> {
     let overlay = manifests_dir().join("overlays/example");
-    let overlay_kustomization =
-        &parse_yaml(&read(&overlay.join("kustomization.yaml"))?, "overlay")?[0];
-    let built_overlay = kustomize(&overlay)?.context("kubectl vanished")?;
+    let Some(built_overlay) = kustomize(&overlay)? else {
+        return Ok(());
+    };
     let built_overlay = parse_yaml(
         &built_overlay,
         "kubectl kustomize manifests/overlays/example",
     )?;
-    let got: BTreeSet<(String, String)> = built_overlay
-        .iter()
-        .map(|d| {
-            (
-                d["kind"].as_str().unwrap_or("").to_string(),
-                d["metadata"]["name"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let expected = built_from_base(&base_kustomization()?)?;
+    let got = kinds_and_names(&built_overlay);
     ensure!(
         got == expected,
         "the overlay built {got:?}, expected {expected:?}"
     );
+    let overlay_kustomization =
+        &parse_yaml(&read(&overlay.join("kustomization.yaml"))?, "overlay")?[0];
     let image = &overlay_kustomization["images"][0];
     let daemonset = built_overlay
         .iter()
@@ -1633,12 +1778,34 @@ fn the_dashboard_queries_are_valid_promql() -> Result<()> {
     Ok(())
 }
 
+/// The real exposition of a real aggregator, with no VMI reported: every family is announced
+/// by its # TYPE line even without samples.
+fn exposition() -> Result<String> {
+    Aggregator::start("node-manifests")?.metrics()
+}
+
+/// The values of `label` in the samples of `metric`, which has only that label; at least one.
+fn label_values(metric: &str, label: &str) -> Result<Vec<String>> {
+    let sample = Regex::new(&format!(r#"^{metric}\{{{label}="([^"]+)"\}}"#))?;
+    let values: Vec<String> = exposition()?
+        .lines()
+        .filter_map(|line| sample.captures(line))
+        .filter_map(|c| c.get(1).map(|m| m.as_str().to_string()))
+        .collect();
+    ensure!(
+        !values.is_empty(),
+        "the exposition lists no {label} of {metric}"
+    );
+    Ok(values)
+}
+
+fn troubleshooting() -> Result<String> {
+    read(&repo().join("docs/troubleshooting.md"))
+}
+
 #[test]
 fn every_metric_the_rules_and_dashboard_use_exists() -> Result<()> {
-    // The real exposition of a real aggregator, with no VMI reported: every family is
-    // announced by its # TYPE line even without samples.
-    let aggregator = Aggregator::start("node-manifests")?;
-    let exposition = aggregator.metrics()?;
+    let exposition = exposition()?;
     let known: BTreeSet<&str> = exposition
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
@@ -1701,38 +1868,31 @@ fn every_metric_the_rules_and_dashboard_use_exists() -> Result<()> {
         "metrics used by the rules and the dashboard, all exported by node-aggregator or \
          KubeVirt: {used:?}"
     );
+    Ok(())
+}
 
-    // Every rejection reason the aggregator counts has a row in the runbook of
-    // KubeVirtHypervisorReportsRejected.
-    let reason = Regex::new(
-        r#"^kubevirt_hypervisor_aggregator_reports_rejected_total\{reason="([^"]+)"\}"#,
+/// Each has a row in the runbook of KubeVirtHypervisorReportsRejected.
+#[test]
+fn every_rejection_reason_the_aggregator_counts_is_explained() -> Result<()> {
+    let reasons = label_values(
+        "kubevirt_hypervisor_aggregator_reports_rejected_total",
+        "reason",
     )?;
-    let reasons: Vec<&str> = exposition
-        .lines()
-        .filter_map(|line| reason.captures(line))
-        .filter_map(|c| c.get(1).map(|m| m.as_str()))
-        .collect();
-    ensure!(
-        !reasons.is_empty(),
-        "the exposition lists no rejection reason"
-    );
-    let troubleshooting = read(&repo().join("docs/troubleshooting.md"))?;
+    let troubleshooting = troubleshooting()?;
     for reason in reasons {
         ensure!(
             troubleshooting.contains(&format!("| `{reason}` |")),
             "docs/troubleshooting.md does not explain the rejection reason {reason}"
         );
     }
+    Ok(())
+}
 
-    // Likewise every limit, and the flags the runbook names exist.
-    let limit =
-        Regex::new(r#"^kubevirt_hypervisor_aggregator_limit_hits_total\{limit="([^"]+)"\}"#)?;
-    let limits: Vec<&str> = exposition
-        .lines()
-        .filter_map(|line| limit.captures(line))
-        .filter_map(|c| c.get(1).map(|m| m.as_str()))
-        .collect();
-    ensure!(!limits.is_empty(), "the exposition lists no limit");
+/// Each has a row in the runbook, and the flag and variable the row names exist.
+#[test]
+fn every_limit_the_aggregator_counts_is_explained_with_its_flag() -> Result<()> {
+    let limits = label_values("kubevirt_hypervisor_aggregator_limit_hits_total", "limit")?;
+    let troubleshooting = troubleshooting()?;
     let mut cmd = Command::new(binary("node-aggregator")?);
     cmd.arg("--help");
     let help = run_with_timeout(cmd, None, TOOL_TIMEOUT, "node-aggregator --help")?.stdout;
@@ -1742,7 +1902,7 @@ fn every_metric_the_rules_and_dashboard_use_exists() -> Result<()> {
         .filter_map(|c| Some((c.get(1)?.as_str(), (c.get(2)?.as_str(), c.get(3)?.as_str()))))
         .collect();
     for limit in limits {
-        let (flag, env) = rows.get(limit).with_context(|| {
+        let (flag, env) = rows.get(limit.as_str()).with_context(|| {
             format!("docs/troubleshooting.md has no row for the limit {limit} (| `{limit}` | `--flag` (`ENV`, ...)")
         })?;
         ensure!(
@@ -1923,15 +2083,36 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn containerfiles_build_each_binary_and_run_it_as_uid_107() -> Result<()> {
-    for spec in &IMAGES {
-        let path = repo().join(spec.krate).join("Containerfile");
-        let stages = parse_containerfile(&read(&path)?)?;
-        let what = rel(&path);
-        ensure!(stages.len() >= 2, "{what}: a builder and a runtime stage");
+/// Each image's spec, the Containerfile's path relative to the repo, and its stages: a
+/// builder first and the runtime last.
+fn containerfiles() -> Result<Vec<(&'static ImageSpec, String, Vec<Stage>)>> {
+    IMAGES
+        .iter()
+        .map(|spec| {
+            let path = repo().join(spec.krate).join("Containerfile");
+            let stages = parse_containerfile(&read(&path)?)?;
+            let what = rel(&path);
+            ensure!(stages.len() >= 2, "{what}: a builder and a runtime stage");
+            Ok((spec, what, stages))
+        })
+        .collect()
+}
 
-        // Stage names are unique and every COPY --from names an earlier stage.
+/// The builder stage's name and WORKDIR.
+fn builder_name_and_workdir(builder: &Stage) -> Result<(&str, &str)> {
+    let name = builder
+        .name
+        .as_deref()
+        .context("the builder needs a name")?;
+    let workdir = builder
+        .last("WORKDIR")
+        .context("the builder needs a WORKDIR")?;
+    Ok((name, workdir))
+}
+
+#[test]
+fn containerfile_stages_have_unique_names_and_copy_from_earlier_ones() -> Result<()> {
+    for (_, what, stages) in containerfiles()? {
         let mut names: Vec<&str> = Vec::new();
         for (index, stage) in stages.iter().enumerate() {
             for copy in stage.all("COPY") {
@@ -1955,8 +2136,14 @@ fn containerfiles_build_each_binary_and_run_it_as_uid_107() -> Result<()> {
                 names.push(name);
             }
         }
+    }
+    Ok(())
+}
 
-        // The builder: Rust on Debian 12, the build packages, cargo build of this crate.
+/// Rust on Debian 12, the build packages, cargo build of the image's crate.
+#[test]
+fn containerfile_builders_build_their_crate_with_rust_on_bookworm() -> Result<()> {
+    for (spec, what, stages) in containerfiles()? {
         let builder = &stages[0];
         ensure!(
             builder.base.starts_with("docker.io/library/rust:")
@@ -1964,10 +2151,7 @@ fn containerfiles_build_each_binary_and_run_it_as_uid_107() -> Result<()> {
             "{what}: the builder must be the official Rust image on bookworm, not {}",
             builder.base
         );
-        let builder_name = builder
-            .name
-            .as_deref()
-            .context("the builder needs a name")?;
+        builder_name_and_workdir(builder)?;
         let wanted: BTreeSet<String> = spec
             .builder_packages
             .iter()
@@ -1978,9 +2162,6 @@ fn containerfiles_build_each_binary_and_run_it_as_uid_107() -> Result<()> {
             "{what}: builder packages {:?}, expected {wanted:?}",
             builder.apt_packages()
         );
-        let workdir = builder
-            .last("WORKDIR")
-            .context("the builder needs a WORKDIR")?;
         ensure!(
             builder
                 .all("RUN")
@@ -1989,8 +2170,15 @@ fn containerfiles_build_each_binary_and_run_it_as_uid_107() -> Result<()> {
             "{what}: no `cargo build --release … -p {}`",
             spec.krate
         );
+    }
+    Ok(())
+}
 
-        // The runtime: its base, its packages, the binary from the builder, user 107.
+/// Its base, its packages, the binary from the builder, user 107.
+#[test]
+fn containerfile_runtimes_run_the_built_binary_as_uid_107() -> Result<()> {
+    for (spec, what, stages) in containerfiles()? {
+        let (builder_name, workdir) = builder_name_and_workdir(&stages[0])?;
         let runtime = stages.last().context("no stage")?;
         ensure!(
             runtime.base == spec.runtime_base,
@@ -2043,8 +2231,14 @@ fn containerfiles_build_each_binary_and_run_it_as_uid_107() -> Result<()> {
             "{what}: the final USER must be {IMAGE_UID}:{IMAGE_UID}, not {:?}",
             runtime.last("USER")
         );
+    }
+    Ok(())
+}
 
-        // What the builder copies in is enough for cargo to load the workspace.
+#[test]
+fn containerfile_builders_copy_in_enough_for_cargo_to_load_the_workspace() -> Result<()> {
+    for (spec, what, stages) in containerfiles()? {
+        let builder = &stages[0];
         let context = temp_dir("containerfile-context.")?;
         let build = context.path().join("build");
         fs::create_dir_all(&build)?;
@@ -2093,10 +2287,13 @@ fn containerfiles_build_each_binary_and_run_it_as_uid_107() -> Result<()> {
             spec.krate
         );
     }
+    Ok(())
+}
 
-    // The DaemonSet runs the aggregator image as the user the image declares.
+#[test]
+fn the_daemonset_runs_the_aggregator_image_as_its_user() -> Result<()> {
     let resources = base_resources()?;
-    let daemonset = find(&resources, "DaemonSet", "node-aggregator")?;
+    let daemonset = aggregator_daemonset(&resources)?;
     ensure!(
         daemonset.at("/spec/template/spec/securityContext/runAsUser")? == &json!(IMAGE_UID),
         "the DaemonSet's runAsUser must be the image's user {IMAGE_UID}"

@@ -6,20 +6,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use hypervisor_proto::v1::hypervisor_reporter_client::HypervisorReporterClient;
-use hypervisor_proto::v1::{
-    Domain, DomainKey, DomainReport, DomainState, HypervisorType, ReportAck, domain_report::Change,
-};
-use tokio::sync::mpsc;
+use e2e::grpc::{Reporter, domain};
+use hypervisor_proto::v1::{Domain, DomainKey, HypervisorType, domain_report::Change};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 /// Connections and streams being opened at once: enough to keep both sides busy, few
 /// enough to stay inside the listen backlog (a SYN dropped there costs a 1 s retransmit).
 const OPENING_AT_ONCE: usize = 128;
+/// How long the aggregator may take to open a stream or to ack a report.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The namespace and name of the `index`th VMI: a DNS label and a DNS subdomain, shaped
@@ -31,21 +27,17 @@ pub fn vmi_key(index: usize) -> (String, String) {
     )
 }
 
-pub fn domain(namespace: &str, name: &str, hypervisor: HypervisorType, index: usize) -> Domain {
+/// The shared fixture domain with a uid of its own, numbered by `index`.
+fn numbered(domain: Domain, index: usize) -> Domain {
     Domain {
-        namespace: namespace.to_string(),
-        name: name.to_string(),
         uid: format!("00000000-0000-4000-8000-{index:012x}"),
-        domain_name: format!("{namespace}_{name}"),
-        hypervisor_type: hypervisor.into(),
-        hypervisor_version: "7.2.22".into(),
-        state: DomainState::Running.into(),
+        ..domain
     }
 }
 
 /// The aggregator's gRPC address with the sidecar's connection settings (no HTTP/2 pings
 /// of its own, TCP keepalive), so that an idle aggregator sees what a node's sidecars send.
-pub fn endpoint(grpc_addr: &str) -> Result<Endpoint> {
+fn endpoint(grpc_addr: &str) -> Result<Endpoint> {
     Ok(Endpoint::from_shared(format!("http://{grpc_addr}"))
         .with_context(|| format!("parsing {grpc_addr}"))?
         .connect_timeout(Duration::from_secs(10))
@@ -62,58 +54,10 @@ pub enum Layout {
     OwnConnection,
 }
 
-/// One open report stream. Holding it keeps the stream (and its series) alive; dropping it
-/// ends the stream.
-pub struct Held {
-    requests: mpsc::Sender<DomainReport>,
-    acks: Streaming<ReportAck>,
-    sequence: u64,
-}
-
-impl Held {
-    async fn open(channel: Channel) -> Result<Self> {
-        let (requests, request_stream) = mpsc::channel(16);
-        let acks = HypervisorReporterClient::new(channel)
-            .report(ReceiverStream::new(request_stream))
-            .await
-            .context("opening a report stream")?
-            .into_inner();
-        Ok(Held {
-            requests,
-            acks,
-            sequence: 0,
-        })
-    }
-
-    /// Sends one change and waits for its ack; returns the ack's code and message.
-    async fn send(&mut self, change: Change) -> Result<(i32, String)> {
-        self.sequence += 1;
-        self.requests
-            .send(DomainReport {
-                sequence: self.sequence,
-                change: Some(change),
-            })
-            .await
-            .context("the report stream is closed")?;
-        let ack = tokio::time::timeout(ACK_TIMEOUT, self.acks.message())
-            .await
-            .context("no ack in time")?
-            .context("reading an ack")?
-            .context("the aggregator ended the stream")?;
-        ensure!(
-            ack.sequence == self.sequence,
-            "ack for {} while waiting for {}",
-            ack.sequence,
-            self.sequence
-        );
-        Ok((ack.code, ack.message))
-    }
-}
-
 /// Streams held open, each having upserted one VMI, and the connections they use.
 pub struct Streams {
     /// Held for their drop: dropping them ends the streams.
-    _held: Vec<Held>,
+    _held: Vec<Reporter>,
     pub connections: usize,
 }
 
@@ -122,45 +66,28 @@ pub async fn open_streams(grpc_addr: &str, count: usize, layout: Layout) -> Resu
     let endpoint = endpoint(grpc_addr)?;
     let channels = match layout {
         Layout::Shared { per_connection } => {
-            let wanted = count.div_ceil(per_connection);
-            let mut connecting = JoinSet::new();
-            let mut channels = Vec::with_capacity(wanted);
-            for _ in 0..wanted {
-                if connecting.len() >= OPENING_AT_ONCE
-                    && let Some(done) = connecting.join_next().await
-                {
-                    channels.push(done.context("connect task")??);
-                }
+            let channels = throttled(count.div_ceil(per_connection), |_| {
                 let endpoint = endpoint.clone();
-                connecting.spawn(async move {
+                async move {
                     endpoint
                         .connect()
                         .await
                         .context("connecting to the aggregator")
-                });
-            }
-            while let Some(done) = connecting.join_next().await {
-                channels.push(done.context("connect task")??);
-            }
+                }
+            })
+            .await?;
             Some((channels, per_connection))
         }
         Layout::OwnConnection => None,
     };
     let connections = channels.as_ref().map_or(count, |(c, _)| c.len());
 
-    let mut opening = JoinSet::new();
-    let mut held = Vec::with_capacity(count);
-    for index in 0..count {
-        if opening.len() >= OPENING_AT_ONCE
-            && let Some(done) = opening.join_next().await
-        {
-            held.push(done.context("stream task")??);
-        }
+    let held = throttled(count, |index| {
         let channel = channels
             .as_ref()
             .map(|(channels, per)| channels[index / per].clone());
         let endpoint = endpoint.clone();
-        opening.spawn(async move {
+        async move {
             let channel = match channel {
                 Some(channel) => channel,
                 None => endpoint
@@ -168,24 +95,25 @@ pub async fn open_streams(grpc_addr: &str, count: usize, layout: Layout) -> Resu
                     .await
                     .context("connecting to the aggregator")?,
             };
-            let mut stream = Held::open(channel).await?;
+            let mut stream = Reporter::open(channel, ACK_TIMEOUT).await?;
             let (namespace, name) = vmi_key(index);
-            let (code, message) = stream
-                .send(Change::Upsert(domain(
-                    &namespace,
-                    &name,
-                    HypervisorType::Kvm,
+            let ack = stream
+                .upsert(numbered(
+                    domain(&namespace, &name, HypervisorType::Kvm),
                     index,
-                )))
+                ))
                 .await
                 .with_context(|| format!("upserting {namespace}/{name}"))?;
-            ensure!(code == 0, "{namespace}/{name} refused ({code}): {message}");
+            ensure!(
+                ack.code == 0,
+                "{namespace}/{name} refused ({}): {}",
+                ack.code,
+                ack.message
+            );
             anyhow::Ok(stream)
-        });
-    }
-    while let Some(done) = opening.join_next().await {
-        held.push(done.context("stream task")??);
-    }
+        }
+    })
+    .await?;
     ensure!(
         held.len() == count,
         "opened {} of {count} streams",
@@ -195,6 +123,29 @@ pub async fn open_streams(grpc_addr: &str, count: usize, layout: Layout) -> Resu
         _held: held,
         connections,
     })
+}
+
+/// Runs the tasks that `task` makes for `0..count`, at most [`OPENING_AT_ONCE`] at a time;
+/// returns their results in the order they finished.
+async fn throttled<T, F>(count: usize, task: impl Fn(usize) -> F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T>> + Send + 'static,
+{
+    let mut running = JoinSet::new();
+    let mut done = Vec::with_capacity(count);
+    for index in 0..count {
+        if running.len() >= OPENING_AT_ONCE
+            && let Some(finished) = running.join_next().await
+        {
+            done.push(finished.context("a task panicked")??);
+        }
+        running.spawn(task(index));
+    }
+    while let Some(finished) = running.join_next().await {
+        done.push(finished.context("a task panicked")??);
+    }
+    Ok(done)
 }
 
 pub struct ChurnConfig {
@@ -216,7 +167,7 @@ pub struct ChurnOutcome {
     /// (namespace, name) → hypervisor_type label of every series that should exist.
     pub live: BTreeMap<(String, String), &'static str>,
     /// The churn streams, still open, so the end state can be checked before they close.
-    pub streams: Vec<Held>,
+    pub streams: Vec<Reporter>,
 }
 
 const TYPES: [HypervisorType; 3] = [
@@ -235,7 +186,7 @@ pub async fn churn(grpc_addr: &str, config: &ChurnConfig) -> Result<ChurnOutcome
             .connect()
             .await
             .context("connecting to the aggregator")?;
-        streams.push(Held::open(channel).await?);
+        streams.push(Reporter::open(channel, ACK_TIMEOUT).await?);
     }
 
     // Every stream sends one change per `period`; stream s is offset by s/streams of a
@@ -280,13 +231,13 @@ struct StreamOutcome {
     refused: Vec<String>,
     ack_latencies_ms: Vec<f64>,
     live: BTreeMap<(String, String), &'static str>,
-    held: Held,
+    held: Reporter,
     last_ack: Instant,
 }
 
 async fn churn_stream(
     s: usize,
-    mut held: Held,
+    mut held: Reporter,
     pool: usize,
     first: Instant,
     period: Duration,
@@ -324,7 +275,7 @@ async fn churn_stream(
                     }
                 };
                 (
-                    Change::Upsert(domain(&namespace, &name, other, s * 100 + v)),
+                    Change::Upsert(numbered(domain(&namespace, &name, other), s * 100 + v)),
                     Some(other),
                 )
             }
@@ -338,20 +289,23 @@ async fn churn_stream(
             None => {
                 let t = TYPES[rng.usize(..TYPES.len())];
                 (
-                    Change::Upsert(domain(&namespace, &name, t, s * 100 + v)),
+                    Change::Upsert(numbered(domain(&namespace, &name, t), s * 100 + v)),
                     Some(t),
                 )
             }
         };
         let sent = Instant::now();
-        let (code, message) = held
-            .send(change)
+        let ack = held
+            .send(Some(change))
             .await
             .with_context(|| format!("churn stream {s}"))?;
         last_ack = Instant::now();
         ack_latencies_ms.push(last_ack.duration_since(sent).as_secs_f64() * 1e3);
-        if code != 0 {
-            refused.push(format!("{namespace}/{name}: code {code}: {message}"));
+        if ack.code != 0 {
+            refused.push(format!(
+                "{namespace}/{name}: code {}: {}",
+                ack.code, ack.message
+            ));
             continue;
         }
         match next {

@@ -33,17 +33,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use e2e::binaries::{Aggregator, Sidecar, binary, info_series};
+use e2e::binaries::{Aggregator, SidecarPod, binary, info_series};
+use e2e::grpc::{inventory, unix_channel};
+use e2e::launcher_pod::SIDECAR;
 use e2e::libvirt::{GuestKind, LibvirtDaemon, guest_xml};
 use e2e::lifecycle;
 use e2e::tools::{http_get, wait_until};
-use hyper_util::rt::TokioIo;
 use hypervisor_proto::hooks::info::{InfoParams, info_client::InfoClient};
-use hypervisor_proto::v1::ListRequest;
-use hypervisor_proto::v1::inventory_client::InventoryClient;
-use tokio::net::UnixStream;
-use tonic::transport::Endpoint;
-use tower::service_fn;
 
 use crate::http::HttpConn;
 use crate::load::Layout;
@@ -53,7 +49,6 @@ use crate::table::{SideBySide, Table, kib, mib, millis, ms, percentile};
 const INFO_PREFIX: &str = "kubevirt_vmi_hypervisor_info{";
 /// libvirt out of reach: the startup measurement needs only the hook socket.
 const NO_LIBVIRT: &str = "qemu+unix:///session?socket=/nonexistent/libvirt-sock";
-const CONTAINER: &str = "hook-sidecar-0";
 /// Scale runs raise the aggregator's stream limit (default 4,096) to fit 10,000 streams;
 /// every other flag keeps its default, streams per connection (16) included.
 const MAX_STREAMS: &str = "10000";
@@ -395,7 +390,7 @@ fn sidecar_startup(
     let mut samples = Vec::with_capacity(config.startup_runs);
     for _ in 0..config.startup_runs {
         let dir = tempfile::tempdir().context("creating a hooks dir")?;
-        let socket = dir.path().join(format!("{CONTAINER}.sock"));
+        let socket = dir.path().join(format!("{SIDECAR}.sock"));
         let log = File::create(dir.path().join("sidecar.log")).context("creating a log")?;
         let mut command = Command::new(&program);
         command
@@ -404,7 +399,7 @@ fn sidecar_startup(
             .args(["--libvirt-uri", NO_LIBVIRT])
             // Nothing listens there: the sidecar keeps retrying, as before its aggregator is up.
             .args(["--aggregator", "http://127.0.0.1:9"])
-            .env("CONTAINER_NAME", CONTAINER)
+            .env("CONTAINER_NAME", SIDECAR)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -464,15 +459,7 @@ async fn first_info_answer(socket: &Path, deadline: Instant) -> Result<Instant> 
 /// One `kubevirt.hooks.info.Info/Info` call over the unix socket, as virt-launcher makes it
 /// (`:authority` localhost); returns the hook's name.
 async fn info(socket: &Path) -> Result<String> {
-    let path = socket.to_path_buf();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(service_fn(move |_| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .context("connecting to the hook socket")?;
-    let answer = InfoClient::new(channel)
+    let answer = InfoClient::new(unix_channel(socket).await?)
         .info(InfoParams {})
         .await
         .context("calling Info")?
@@ -482,31 +469,20 @@ async fn info(socket: &Path) -> Result<String> {
 
 /// A sidecar as in a pod (hook socket served) with one running guest and an open stream,
 /// left alone for the idle window.
-struct IdleSidecar {
-    sidecar: Sidecar,
-    _hooks: tempfile::TempDir,
-}
+struct IdleSidecar(SidecarPod);
 
 impl IdleSidecar {
     fn start(daemon: &LibvirtDaemon, aggregator: &Aggregator) -> Result<Self> {
         eprintln!("bench: idle sidecar with one running guest");
         daemon.start_guest("bench_idle", GuestKind::Tcg, false)?;
-        let hooks = tempfile::tempdir().context("creating a hooks dir")?;
-        let sidecar = Sidecar::start_in_pod(
-            &daemon.uri(),
-            &aggregator.grpc_url(),
-            hooks.path(),
-            CONTAINER,
-        )?;
+        let pod = SidecarPod::start(&daemon.uri(), aggregator)?;
         aggregator.wait_for_names(&["idle"], Duration::from_secs(30))?;
-        Ok(IdleSidecar {
-            sidecar,
-            _hooks: hooks,
-        })
+        Ok(IdleSidecar(pod))
     }
 
     fn pid(&self) -> Result<u32> {
-        self.sidecar
+        self.0
+            .sidecar
             .pid()
             .context("the idle sidecar is not running")
     }
@@ -527,13 +503,8 @@ fn detection(
         config.guests
     );
     let events = lifecycle::Lifecycle::subscribe(&daemon.uri())?;
-    let hooks = tempfile::tempdir().context("creating a hooks dir")?;
-    let sidecar = Sidecar::start_in_pod(
-        &daemon.uri(),
-        &aggregator.grpc_url(),
-        hooks.path(),
-        CONTAINER,
-    )?;
+    let pod = SidecarPod::start(&daemon.uri(), aggregator)?;
+    let sidecar = &pod.sidecar;
     wait_until(
         Duration::from_secs(30),
         "the sidecar to reach libvirt and the aggregator",
@@ -701,7 +672,7 @@ fn detection(
         &stop_virsh,
         false,
     );
-    drop(sidecar);
+    drop(pod);
     Ok(poll_period)
 }
 
@@ -1350,18 +1321,9 @@ fn churn(runtime: &tokio::runtime::Runtime, config: &Config, table: &mut Table) 
             )
         })
         .collect();
-    let listed = runtime.block_on(async {
-        let channel = load::endpoint(&aggregator.grpc_addr())?.connect().await?;
-        let list = InventoryClient::new(channel)
-            .list(ListRequest {})
-            .await
-            .context("Inventory/List")?
-            .into_inner();
-        anyhow::Ok(list)
-    })?;
-    let held = listed.series.iter().filter(|s| s.held).count();
+    let listed = runtime.block_on(inventory(&aggregator.grpc_url(), Duration::from_secs(10)))?;
+    let held = listed.iter().filter(|s| s.held).count();
     let in_inventory: BTreeSet<(String, String, String)> = listed
-        .series
         .iter()
         .filter_map(|s| s.domain.as_ref())
         .map(|d| {
@@ -1381,7 +1343,7 @@ fn churn(runtime: &tokio::runtime::Runtime, config: &Config, table: &mut Table) 
     let (stale_metrics, missing_metrics) = diff(&on_metrics);
     let (stale_inventory, missing_inventory) = diff(&in_inventory);
     let exact = stale_metrics + missing_metrics + stale_inventory + missing_inventory + held == 0
-        && listed.series.len() == expected.len()
+        && listed.len() == expected.len()
         && outcome.refused.is_empty();
 
     drop(outcome.streams);

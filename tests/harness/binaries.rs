@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 
+use crate::launcher_pod::SIDECAR;
 use crate::tools::{free_port, http_get, wait_until};
 
 /// A built binary of this workspace, next to the test executable's directory.
@@ -383,5 +384,39 @@ impl Sidecar {
 impl Drop for Sidecar {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A sidecar in a virt-launcher pod of its own, as container [`SIDECAR`], with the pod's
+/// hooks dir.
+pub struct SidecarPod {
+    pub sidecar: Sidecar,
+    hooks_dir: TempDir,
+}
+
+impl SidecarPod {
+    pub fn start(libvirt_uri: &str, aggregator: &Aggregator) -> Result<Self> {
+        let hooks_dir = tempfile::tempdir().context("creating a hooks dir")?;
+        Self::start_in(hooks_dir, libvirt_uri, aggregator)
+    }
+
+    /// With `hooks_dir` as the pod's hooks dir, which may hold files already.
+    pub fn start_in(
+        hooks_dir: TempDir,
+        libvirt_uri: &str,
+        aggregator: &Aggregator,
+    ) -> Result<Self> {
+        let sidecar = Sidecar::start_in_pod(
+            libvirt_uri,
+            &aggregator.grpc_url(),
+            hooks_dir.path(),
+            SIDECAR,
+        )?;
+        Ok(SidecarPod { sidecar, hooks_dir })
+    }
+
+    /// The hook socket the sidecar serves.
+    pub fn socket(&self) -> PathBuf {
+        self.hooks_dir.path().join(format!("{SIDECAR}.sock"))
     }
 }

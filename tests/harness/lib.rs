@@ -3,8 +3,8 @@
 //! virt-launcher played from recordings of the real one ([`recording`] reads them, [`replay`]
 //! plays them) against the real sidecar in a pod of its own ([`launcher_pod`]); a private
 //! Prometheus ([`prometheus`]); recorders of what an aggregator showed when ([`timeline`]);
-//! gRPC calls with raw bytes ([`grpc`]); and helpers for ports, polling, HTTP, promtool and
-//! grpcurl ([`tools`]).
+//! gRPC clients: report streams driven report by report, and calls with raw bytes
+//! ([`grpc`]); and helpers for ports, polling, HTTP, promtool and grpcurl ([`tools`]).
 //!
 //! Everything listens on loopback and lives in its own temporary directory, so tests can run
 //! in parallel threads; every handle cleans up its processes and files on drop, also when a

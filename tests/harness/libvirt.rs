@@ -41,7 +41,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::tools::{process_alive, read_pid, run_with_timeout, sigkill, wait_until};
 
@@ -940,6 +940,22 @@ impl Drop for LibvirtDaemon {
 pub fn kvm_unusable_reason() -> Option<String> {
     static REASON: OnceLock<Option<String>> = OnceLock::new();
     REASON.get_or_init(probe_kvm).clone()
+}
+
+/// Whether a test leaves out `what`, which needs KVM guests: `true` (and the reason printed)
+/// where they cannot run. On CI (`CI` set) an error instead: its machines have KVM, so a
+/// missing or broken /dev/kvm is a fault to see, not a reason to pass.
+pub fn skip_without_kvm(what: &str) -> Result<bool> {
+    let Some(reason) = kvm_unusable_reason() else {
+        return Ok(false);
+    };
+    ensure!(
+        std::env::var_os("CI").is_none(),
+        "{what} needs KVM, which CI machines have: {reason}"
+    );
+    // Past the test harness's output capture: a skip must show.
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}: {reason}");
+    Ok(true)
 }
 
 fn probe_kvm() -> Option<String> {

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::tools::{free_port, http_agent, http_get, process_alive, read_pid, sigkill, wait_until};
+use crate::tools::{
+    free_port, http_get, http_get_any, process_alive, read_pid, sigkill, wait_until,
+};
 
 /// The binary from Debian's `prometheus` package (`make deps`).
 pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
@@ -101,16 +103,8 @@ impl Prometheus {
     /// series; a scalar gives one entry with no labels.
     pub fn query(&self, promql: &str) -> Result<Vec<Sample>> {
         let url = format!("{}/api/v1/query", self.url());
-        let mut response = http_agent()
-            .get(&url)
-            .query("query", promql)
-            .call()
+        let (status, body) = http_get_any(&url, &[("query", promql)])
             .with_context(|| format!("querying Prometheus for {promql}"))?;
-        let status = response.status();
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .with_context(|| format!("reading Prometheus's answer to {promql}"))?;
         parse_query_response(&body)
             .with_context(|| format!("query {promql} (HTTP {status}): {}", body.trim()))
     }

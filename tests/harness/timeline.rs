@@ -11,10 +11,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use hypervisor_proto::v1::inventory_client::InventoryClient;
 use hypervisor_proto::v1::watch_event::Kind;
-use hypervisor_proto::v1::{ListRequest, Series, WatchRequest};
-use tonic::transport::Endpoint;
+use hypervisor_proto::v1::{Series, WatchRequest};
 
 use crate::binaries::{Labels, info_series};
+use crate::grpc;
 use crate::tools::http_get;
 
 /// How often [`MetricsRecorder`] scrapes.
@@ -28,19 +28,10 @@ pub fn inventory_list(grpc_addr: &str) -> Result<Vec<Series>> {
         .enable_all()
         .build()
         .context("building a tokio runtime")?;
-    runtime.block_on(async {
-        let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {grpc_addr}"))?;
-        let listed = InventoryClient::new(channel)
-            .list(ListRequest {})
-            .await
-            .context("Inventory/List")?
-            .into_inner();
-        Ok(listed.series)
-    })
+    runtime.block_on(grpc::inventory(
+        &format!("http://{grpc_addr}"),
+        Duration::from_secs(5),
+    ))
 }
 
 /// One thing the Watch stream said, or that it ended.
@@ -109,10 +100,7 @@ async fn follow(uri: String, seen: Arc<Mutex<Vec<Watched>>>, stop: Arc<AtomicBoo
     let tick = Duration::from_millis(100);
     while !stopped() {
         let stream = async {
-            let channel = Endpoint::from_shared(uri.clone())?
-                .connect_timeout(Duration::from_secs(2))
-                .connect()
-                .await?;
+            let channel = grpc::connect(&uri, Duration::from_secs(2)).await?;
             anyhow::Ok(
                 InventoryClient::new(channel)
                     .watch(WatchRequest {})

@@ -67,19 +67,29 @@ pub(crate) fn http_agent() -> ureq::Agent {
 
 /// GETs `url` and returns the body; a non-2xx status is an error that includes the body.
 pub fn http_get(url: &str) -> Result<String> {
-    let mut response = http_agent()
-        .get(url)
-        .call()
-        .with_context(|| format!("GET {url}"))?;
-    let status = response.status();
-    let body = response
-        .body_mut()
-        .read_to_string()
-        .with_context(|| format!("reading the body of GET {url}"))?;
+    let (status, body) = http_get_any(url, &[])?;
     if !status.is_success() {
         bail!("GET {url}: HTTP {status}: {}", body.trim());
     }
     Ok(body)
+}
+
+/// GETs `url` with the `query` parameters; returns the status and the body, whatever the
+/// status.
+pub(crate) fn http_get_any(
+    url: &str,
+    query: &[(&str, &str)],
+) -> Result<(ureq::http::StatusCode, String)> {
+    let mut response = http_agent()
+        .get(url)
+        .query_pairs(query.iter().copied())
+        .call()
+        .with_context(|| format!("GET {url}"))?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading the body of GET {url}"))?;
+    Ok((response.status(), body))
 }
 
 /// What a command printed and how it ended.

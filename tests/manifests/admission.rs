@@ -402,11 +402,9 @@ fn hook_sidecar(name: &str, image: &str, extra_mounts: Value) -> Value {
     json!({"name": name, "image": image, "volumeMounts": mounts})
 }
 
-#[test]
-fn the_admission_policy_mounts_the_socket_into_launcher_sidecars_only() -> Result<()> {
-    let resources = base_resources()?;
-    let policy = find(&resources, "MutatingAdmissionPolicy", LIBVIRT_SOCKET)?;
-    let binding = find(&resources, "MutatingAdmissionPolicyBinding", LIBVIRT_SOCKET)?;
+/// Pods to admit: (what, pod, the containers that mount /var/run/libvirt after the mutation;
+/// `None`: the policy must not apply at all).
+fn socket_cases() -> Vec<(&'static str, Value, Option<Vec<&'static str>>)> {
     let sidecar = "registry.example.com:5000/kvhm/launcher-sidecar:0.1.0";
     let digest = "quay.io/kvhm/launcher-sidecar@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     let compute = json!({"name": "compute", "image": "quay.io/kubevirt/virt-launcher:v1.6.0",
@@ -414,9 +412,7 @@ fn the_admission_policy_mounts_the_socket_into_launcher_sidecars_only() -> Resul
     let disk = json!({"name": "volumecontainerdisk", "image": "quay.io/kubevirt/cirros-container-disk-demo"});
     let volumes = json!([{"name": "libvirt-runtime", "emptyDir": {}},
                          {"name": "hook-sidecar-sockets", "emptyDir": {}}]);
-    // (what, pod, expected mounts of /var/run/libvirt by container name after the mutation;
-    //  None: the policy must not apply at all)
-    let cases: Vec<(&str, Value, Option<Vec<&str>>)> = vec![
+    vec![
         (
             "our sidecar next to compute and a container disk",
             launcher_pod(
@@ -490,7 +486,15 @@ fn the_admission_policy_mounts_the_socket_into_launcher_sidecars_only() -> Resul
             },
             None,
         ),
-    ];
+    ]
+}
+
+#[test]
+fn the_admission_policy_mounts_the_socket_into_launcher_sidecars_only() -> Result<()> {
+    let resources = base_resources()?;
+    let policy = find(&resources, "MutatingAdmissionPolicy", LIBVIRT_SOCKET)?;
+    let binding = find(&resources, "MutatingAdmissionPolicyBinding", LIBVIRT_SOCKET)?;
+    let cases = socket_cases();
     let requests: Vec<Request> = cases
         .iter()
         .map(|(_, pod, _)| Request {
