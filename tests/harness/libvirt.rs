@@ -481,11 +481,6 @@ impl LibvirtDaemon {
         Ok(dir)
     }
 
-    /// The uid the daemon and its QEMUs run as.
-    pub fn uid(&self) -> u32 {
-        self.user.uid
-    }
-
     /// libvirtd's stdout and stderr, across restarts.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("libvirtd.log")

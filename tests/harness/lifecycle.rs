@@ -36,8 +36,6 @@ pub const STARTED: c_int = sys::VIR_DOMAIN_EVENT_STARTED as c_int;
 pub const STOP: &[c_int] = &[sys::VIR_DOMAIN_EVENT_STOPPED as c_int];
 /// A domain's CPUs run: a start (not `--paused`), or a resume.
 pub const RESUMED: c_int = sys::VIR_DOMAIN_EVENT_RESUMED as c_int;
-/// A domain's CPUs stop: `virsh suspend`, or a start with `--paused`.
-pub const SUSPENDED: c_int = sys::VIR_DOMAIN_EVENT_SUSPENDED as c_int;
 /// A domain is defined or redefined.
 pub const DEFINED: c_int = sys::VIR_DOMAIN_EVENT_DEFINED as c_int;
 

@@ -154,17 +154,18 @@ fn domain_steps(recorded: &RecordedPod) -> Result<(Vec<Step>, Option<Duration>)>
     let mut started_at = None;
     let mut powers_off = None;
     let mut daemon_started = false;
-    let lifecycle: Vec<(usize, f64, &str, &str)> = recorded
+    // libvirt's events alone, each with its line's index, to look ahead from a line.
+    let lifecycle: Vec<(usize, &str, &str)> = recorded
         .events
         .iter()
         .enumerate()
-        .filter_map(|(i, e)| e.lifecycle().map(|(ev, d)| (i, e.at_s, ev, d)))
+        .filter_map(|(i, e)| e.lifecycle().map(|(ev, d)| (i, ev, d)))
         .collect();
     let next_after = |i: usize| {
         lifecycle
             .iter()
             .find(|(j, ..)| *j > i)
-            .map(|(_, _, e, d)| (*e, *d))
+            .map(|(_, e, d)| (*e, *d))
     };
     let mut skip_next: Option<&str> = None;
     // virt-launcher saw QEMU gone before libvirt's events of the kill: these follow.
